@@ -1,0 +1,859 @@
+"""Shared pieces of nanoWSOL: the WSOL metrics, exactly as wsolevaluation defines them, and small utilities.
+
+Metrics  clovaai/wsolevaluation (Choe et al., CVPR 2020 / TPAMI): MaxBoxAcc, MaxBoxAccV2, GT-known / Top-1 / Top-5 Loc,
+         PxAP, re-implemented without OpenCV (see ../shared/specs/metrics_data.md for every convention and its source).
+Repos    the method repos' own fixed-threshold protocols, as a second, labelled report (spec §5).
+Utils    seeding, device choice, atomic checkpoints and result files, the Args -> argparse helper, progress lines,
+         overlay pictures.
+Boxes are inclusive (x0, y0, x1, y1) pixels of the score map's frame everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# %% 1. Metrics: wsolevaluation (score maps, boxes, MaxBoxAccV2, PxAP)
+# Spec: ../shared/specs/metrics_data.md (§ numbers below). Shapes: B maps, H x W map, K GT boxes, T thresholds,
+# P candidate boxes, R regions, N tree nodes. A "cut" t is an integer: foreground = {q > t}, q = trunc(255 s).
+
+_CUTS = 255  # cuts 0..254 can have foreground: t = trunc(tau * max q) <= 254 because tau < 1 (§2.3)
+_INDEX = (1 << 32) - 1  # the low 32 bits of an order key hold the flat pixel index
+_IDENTITY = {np.maximum: np.iinfo(np.int64).min, np.add: 0}
+_DENSE_REGIONS = 512  # up to this many regions, _LevelTree finds the strongest contacts in an R x R table
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+@functools.lru_cache(maxsize=8)
+def _arange(n: int, step: int = 1) -> np.ndarray:
+    """0, step, .. (n - 1) * step (int64), cached: flat pixel indices of the map sizes in use."""
+    out = np.arange(0, n * step, step)
+    out.flags.writeable = False
+    return out
+
+
+def normalize_scoremap(cam) -> np.ndarray:
+    """Min-max to [0, 1] per map; a map with a NaN, or a flat one, becomes zeros (§1.1). (..., h, w) -> float64."""
+    cam = _numpy(cam).astype(np.float64)
+    flat = cam.reshape(-1, cam.shape[-2] * cam.shape[-1])  # (B, h*w)
+    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    bad = np.isnan(flat).any(1, keepdims=True) | (hi == lo)
+    out = np.where(bad, 0.0, (flat - lo) / np.where(bad, 1.0, hi - lo))
+    return out.reshape(cam.shape)
+
+
+def resize_scoremap(cam, size: int | tuple[int, int]) -> np.ndarray:
+    """wsolevaluation's map: float64 bicubic upsampling (torch's = OpenCV INTER_CUBIC to ~1e-15 for integer factors),
+    then normalize_scoremap (§1.1). (h, w) or (B, h, w), numpy or torch -> (S, S) or (B, S, S) float64 numpy."""
+    cam = torch.as_tensor(_numpy(cam), dtype=torch.float64)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    up = torch.nn.functional.interpolate(cam.reshape(-1, 1, *cam.shape[-2:]), size=size, mode="bicubic",
+                                         align_corners=False)  # (B, 1, S, S)
+    return normalize_scoremap(up.reshape(*cam.shape[:-2], *size))
+
+
+def resize_mask_nearest(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """OpenCV INTER_NEAREST (§4.1): source index min(floor(d * (1 / (D / S))), S - 1) in float64. size = (H, W)."""
+    mask = _numpy(mask)
+    (oh, ow), (h, w) = (size, size) if isinstance(size, int) else size, mask.shape[:2]
+    rows = np.minimum(np.floor(np.arange(oh) * (1.0 / (oh / h))).astype(np.int64), h - 1)
+    cols = np.minimum(np.floor(np.arange(ow) * (1.0 / (ow / w))).astype(np.int64), w - 1)
+    return mask[rows[:, None], cols]
+
+
+def check_scoremaps(scoremaps) -> np.ndarray:
+    """(H, W) or (B, H, W) -> (B, H, W) float64, after wsolevaluation's validity check (§1.1 step 5)."""
+    s = np.ascontiguousarray(_numpy(scoremaps), dtype=np.float64)
+    s = s[None] if s.ndim == 2 else s
+    if s.ndim != 3 or not (s.min() >= 0 and s.max() <= 1):  # a NaN fails both comparisons
+        raise ValueError(f"score maps must be (B, H, W) in [0, 1] without NaN; got shape {s.shape}")
+    return s
+
+
+def threshold_grid(cam_curve_interval: float) -> np.ndarray:
+    """tau_k = np.arange(0, 1, Delta) in float64: includes 0, excludes 1 (§2.3)."""
+    return np.arange(0, 1, cam_curve_interval)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Inclusive (+1) IoU of broadcast box arrays (..., 4) -> (...); integer arithmetic, one division (§2.5)."""
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1, 0, None)
+    area_a, area_b = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1), (b[..., 2] - b[..., 0] + 1) * (
+        b[..., 3] - b[..., 1] + 1)
+    union = area_a + area_b - iw * ih
+    return np.where(union > 0, iw * ih / np.maximum(union, 1), 0.0)
+
+
+def box_iou(boxes_a, boxes_b) -> np.ndarray:
+    """(A, 4) x (B, 4) inclusive boxes -> (A, B) IoU. Check: IoU((1,2,5,6), (3,1,4,5)) = 8/27."""
+    return _iou(_numpy(boxes_a).astype(np.int64)[:, None], _numpy(boxes_b).astype(np.int64)[None])
+
+
+class _LevelTree:
+    """The connected components of {v > t} for every cut t at once, for a stack v (B, H, W) of uint8 levels (§3.5).
+
+    They nest as t rises, so they form a tree, built in three vectorised steps and one short loop:
+    1. Regions. Each pixel climbs to its neighbour with the largest key (_order_key: ordered like v, all different)
+       until it reaches a local maximum. The pixels of a region that have v > t stay connected for every t (a climb
+       never goes down), so no cut splits a region. To climb fast, rows are cut into unimodal pieces (a piece starts
+       at each row-local minimum); only piece tops point to a neighbour, and the pointers are jumped (doubling)
+       until they reach the regions' maxima.
+    2. Touching regions a, b are connected for t < w(a, b) = max over touching pixel pairs of min(v_p, v_q).
+    3. Kruskal in decreasing w: leaves are the R regions, node R + m is made by merge m. Node n is a component for
+       lo[n] <= t < hi[n] (hi: its merge weight, or a leaf's peak; lo: its parent's merge weight, 0 at a root).
+    With `outside`, the padded frame around each image is one more region (always present, every border pixel
+    touches it); nodes holding it have image -1. Leaves are kept in depth-first order, so each node covers the
+    leaves leaves[span[n, 0]:span[n, 1]].
+    """
+
+    def __init__(self, v: np.ndarray, key: np.ndarray, conn8: bool, outside: bool = False):
+        B, H, W = v.shape
+        n = v.size
+        kf, vf = key.ravel(), v.ravel()
+        # 1. pieces, their tops, one pointer per top, pointer jumping
+        rising = key[:, :, 1:] > key[:, :, :-1]  # (B, H, W-1)
+        start = np.zeros((B, H, W), bool)
+        start[:, :, 0] = True
+        start[:, :, 1:-1] = rising[:, :, 1:] > rising[:, :, :-1]  # rising after falling: a row-local minimum
+        starts = np.flatnonzero(start)  # (P,)
+        piece = np.cumsum(start.ravel(), dtype=np.int32) - 1  # (n,) piece of each pixel
+        top = np.maximum.reduceat(kf, starts) & _INDEX  # (P,) flat index of each piece's largest pixel
+        ty, tx = top // W % H, top % W
+        steps = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if conn8 or dy * dx == 0])  # (S, 2)
+        inside = (ty + steps[:, :1] >= 0) & (ty + steps[:, :1] < H) & (tx + steps[:, 1:] >= 0) & (tx + steps[:, 1:] < W)
+        nbr = np.where(inside, top + steps[:, :1] * W + steps[:, 1:], top)  # (S, P) neighbours (or the top itself)
+        pointer = piece[np.where(inside, kf[nbr], -1).max(0) & _INDEX].astype(np.int64)  # (P,) its piece
+        if outside:  # a top on the border may step into the frame, piece P
+            pointer[(ty == 0) | (ty == H - 1) | (tx == 0) | (tx == W - 1)] = len(starts)
+            pointer = np.append(pointer, len(starts))
+        while not np.array_equal(jumped := pointer[pointer], pointer):
+            pointer = jumped
+        roots = np.flatnonzero(pointer == np.arange(len(pointer)))  # (R,) pieces holding a local maximum
+        R = len(roots)
+        region = np.empty(len(pointer), np.int32)
+        region[roots] = np.arange(R)
+        region = region[pointer]  # (P or P+1,) region of each piece
+        label = region[piece]  # (n,)
+        # 2. touching pixels in different regions (side by side only across a piece start), strongest per pair
+        ia, ib = [starts[starts % W != 0] - 1], [starts[starts % W != 0]]
+        for offset, bad_x in [(W, -1), (W + 1, W - 1), (W - 1, 0)][: 3 if conn8 else 1]:
+            if 0 < offset < n:
+                i = np.flatnonzero(label[:-offset] != label[offset:])
+                i = i[(i // W % H != H - 1) & (i % W != bad_x)]  # not across the last row or a row's end
+                ia.append(i)
+                ib.append(i + offset)
+        ia, ib = np.concatenate(ia), np.concatenate(ib)
+        la, lb, w = label[ia], label[ib], np.minimum(vf[ia], vf[ib])
+        if outside:
+            border = np.zeros((B, H, W), bool)
+            border[:, [0, -1]] = border[:, :, [0, -1]] = True
+            ib = np.flatnonzero(border)
+            la, lb, w = np.append(la, label[ib]), np.append(lb, np.full(len(ib), region[-1])), np.append(w, vf[ib])
+        keep = (la != lb) & (w > 0)
+        pair, w = np.minimum(la, lb)[keep].astype(np.int64) * R + np.maximum(la, lb)[keep], w[keep]
+        if R <= _DENSE_REGIONS:  # the strongest contact per region pair: a dense R x R table beats sorting
+            strongest = np.zeros(R * R, np.uint8)
+            np.maximum.at(strongest, pair, w)
+            code = np.flatnonzero(strongest) * 256 + strongest[strongest > 0]
+        else:
+            code = np.sort(pair * 256 + w)
+            code = code[np.append(code[1:] // 256 != code[:-1] // 256, True)[: len(code)]]  # max w per pair
+        code = code[np.argsort(-(code % 256), kind="stable")]
+        # 3. Kruskal; each union-find root keeps its leaves as a linked list (first .. last, `after`)
+        peak = np.append(top, n)[roots]  # (R,) each region's largest pixel; n for the frame
+        uf, node, first, last, after = list(range(R)), list(range(R)), list(range(R)), list(range(R)), [-1] * R
+        image = np.where(peak < n, peak // (H * W), -1).tolist()
+        merges, spans = [], [(r, r) for r in range(R)]
+        for c in code.tolist():
+            a, b = divmod(c // 256, R)
+            while uf[a] != a:
+                uf[a] = a = uf[uf[a]]
+            while uf[b] != b:
+                uf[b] = b = uf[uf[b]]
+            if a != b:
+                merges.append((node[a], node[b], c % 256))
+                image.append(min(image[node[a]], image[node[b]]))
+                after[last[a]], last[a], uf[b], node[a] = first[b], last[b], a, R + len(merges) - 1
+                spans.append((first[a], last[a]))
+        leaves = []
+        for leaf in (first[r] for r in range(R) if uf[r] == r):
+            while leaf >= 0:
+                leaves.append(leaf)
+                leaf = after[leaf]
+        position = np.empty(R, np.int64)
+        position[leaves] = np.arange(R)
+        merges = np.array(merges, np.int64).reshape(-1, 3)
+        self.R, self.N, self.shape = R, R + len(merges), (B, H, W)
+        self.children, self.image, self.leaves = merges[:, :2], np.array(image), np.array(leaves)
+        self.span = position[np.array(spans)] + [0, 1]  # (N, 2)
+        self.hi = np.concatenate([np.append(vf, 256)[peak], merges[:, 2]]).astype(np.int64)
+        self.lo = np.zeros(self.N, np.int64)
+        self.lo[merges[:, :2]] = merges[:, 2:]
+        self.label, self.v, self.piece = label, vf, (region[: len(starts)], vf[top], top // W % H)
+
+    def table(self, items: list[tuple[np.ndarray, np.ndarray]], op=np.maximum) -> np.ndarray:
+        """Leaf table (C, 257 * R): channel c at column (255 - t) * R + r = op (max or add) of values_c over the items
+        of region r whose level is > t, from items [(index, values_c)] with index = level * R + region (`index`)."""
+        tab = np.full((len(items), 257, self.R), _IDENTITY[op], np.int64)
+        for channel, (index, values) in zip(tab, items, strict=True):
+            op.at(channel.reshape(-1), index, values)
+        return op.accumulate(tab[:, ::-1], axis=1).reshape(len(items), -1)  # block k: levels 256 - k .. 256
+
+    def index(self, level: np.ndarray, label: np.ndarray) -> np.ndarray:
+        return np.multiply(level, self.R, dtype=np.int64) + label
+
+    def pairs(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(node, t) for each cut t at which each of `nodes` is a component."""
+        count = np.maximum(self.hi[nodes] - self.lo[nodes], 0)
+        node = np.repeat(nodes, count)
+        return node, np.arange(len(node)) - np.repeat(np.cumsum(count) - count, count) + self.lo[node]
+
+    def at(self, table: np.ndarray, node: np.ndarray, t: np.ndarray, op=np.maximum) -> np.ndarray:
+        """Leaf table -> (P, C): for each (node, t) pair, op over the node's leaves."""
+        if len(node) == 0:
+            return np.zeros((0, len(table)), np.int64)
+        count = self.span[node, 1] - self.span[node, 0]
+        offset = np.cumsum(count) - count
+        leaf = self.leaves[np.repeat(self.span[node, 0] - offset, count) + np.arange(count.sum())]
+        return op.reduceat(table.take((255 - np.repeat(t, count)) * self.R + leaf, axis=1), offset, axis=1).T
+
+    def boxes(self, node: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """(P, 4) inclusive bounding box of the node's pixels with v > t. A region has a pixel above t in column x
+        iff its largest v there is > t, and in a row iff one of its pieces there (one row each) has its top > t."""
+        W = self.shape[2]
+        column_top = np.zeros((self.R, W), np.uint8)  # (R, W) a region's largest v in each column (0: none)
+        np.maximum.at(column_top.reshape(-1), (np.multiply(self.label.reshape(-1, W), W, dtype=np.int64)
+                                               + np.arange(W)).reshape(-1), self.v)
+        present = np.flatnonzero(column_top)
+        columns, x = self.index(column_top.reshape(-1)[present], present // W), present % W
+        rows, y = self.index(*self.piece[1::-1]), self.piece[2]
+        table = self.table([(columns, -x), (rows, -y), (columns, x), (rows, y)])  # max of -x is -min x
+        return self.at(table, node, t) * [-1, -1, 1, 1]
+
+
+def _contours(q: np.ndarray, fine: np.ndarray, multi_contour: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's findContours(RETR_TREE) on {q > t} for every cut t, as pixel bounding boxes of the contours (§3).
+
+    q (B, H, W) uint8. Returns boxes (P, 4) inclusive, image (P,), cut (P,); cuts without foreground have no entry.
+    multi_contour: every 8-connected component (§3.1) and every hole, a 4-connected background component away from
+    the border, whose contour runs through the pixels around it: its box grown by 1 (§3.2). Otherwise one box per
+    cut: the top-level component with the largest contour area, ties to the last in raster order (§3.3-3.4).
+    """
+    B, H, W = q.shape
+    key = _order_key(q, fine)
+    hole_key = _HOLE_KEY - key + _arange(q.size, 2).reshape(q.shape)  # = _order_key(255 - q, _FINE - fine)
+    holes = _LevelTree(255 - q, hole_key, conn8=False, outside=True)  # {255 - q > 254 - t} = {q <= t}
+    if multi_contour:
+        comps = _LevelTree(q, key, conn8=True)
+        node, cut = comps.pairs(np.arange(comps.N))
+        hole_node, dual_cut = holes.pairs(np.flatnonzero(holes.image >= 0))  # nodes without the frame
+        hole_boxes = holes.boxes(hole_node, dual_cut) + [-1, -1, 1, 1]
+        return (np.concatenate([comps.boxes(node, cut), hole_boxes]),
+                np.concatenate([comps.image[node], holes.image[hole_node]]), np.concatenate([cut, 254 - dual_cut]))
+    # Single contour (§3.4): Fbar_t = pixels not in the frame's background component = {esc > t}, where esc is the cut
+    # from which a pixel lies in that component: max(q, the cut at which its background region joins the frame).
+    joins = np.zeros(holes.N, np.int64)  # dual weight at which the node's leaves join the frame (0: never)
+    for n, (a, b) in reversed(list(enumerate(holes.children.tolist(), holes.R))):
+        for c in (a, b):
+            joins[c] = holes.hi[n] if holes.image[n] < 0 <= holes.image[c] else joins[n]
+    escape = np.where(holes.image[: holes.R] < 0, 0, 255 - joins[: holes.R])  # (R,) the frame region joins at 0
+    esc = np.maximum(q.ravel(), escape[holes.label]).astype(np.uint8).reshape(B, H, W)
+    filled = _LevelTree(esc, _order_key(esc, fine), conn8=True)  # components: top-level ones with their holes
+    # contour area = #2x2 windows inside Fbar + #windows with 3 pixels inside / 2 (§3.3): with m1 <= m2 the two
+    # smallest esc of a window, it counts 1/2 for t < m2 and another 1/2 for t < m1
+    a, b, c, d = esc[:, :-1, :-1], esc[:, :-1, 1:], esc[:, 1:, :-1], esc[:, 1:, 1:]  # (B, H-1, W-1) each
+    low_ab, high_ab, low_cd, high_cd = np.minimum(a, b), np.maximum(a, b), np.minimum(c, d), np.maximum(c, d)
+    m1 = np.minimum(low_ab, low_cd).ravel()
+    m2 = np.minimum(np.maximum(low_ab, low_cd), np.minimum(high_ab, high_cd)).ravel()
+    # a window's pixel with the largest esc lies in the component the window counts for
+    offset = np.where(high_ab >= high_cd, np.where(a >= b, 0, 1), np.where(c >= d, W, W + 1))
+    window = (_arange(esc.size).reshape(B, H, W)[:, :-1, :-1] + offset).ravel()
+    wlabel = filled.label[window]
+    node, cut = filled.pairs(np.arange(filled.N))
+    windows = filled.index(np.concatenate([m1, m2]), np.concatenate([wlabel, wlabel]))
+    area2 = filled.at(filled.table([(windows, np.ones(len(windows), np.int64))], np.add), node, cut, np.add)[:, 0]
+    first = -filled.at(filled.table([(filled.index(filled.v, filled.label), -_arange(esc.size))]), node, cut)[:, 0]
+    score = area2 * (esc.size + 1) + first  # largest area, then the latest raster-first pixel
+    cell = filled.image[node] * _CUTS + cut
+    best = np.full(B * _CUTS, -1)
+    np.maximum.at(best, cell, score)
+    win = score == best[cell]
+    return filled.boxes(node[win], cut[win]), filled.image[node[win]], cut[win]
+
+
+_FINE = ((1 << 23) - 1) << 32  # key bits 32-54
+_HOLE_KEY = (255 << 55) | _FINE
+
+
+def _order_key(v: np.ndarray, fine: np.ndarray) -> np.ndarray:
+    """Distinct int64 keys ordered by (v, fine, flat index): v (<= 255) in bits 55-62, fine in bits 32-54."""
+    return (v.astype(np.int64) << 55) | fine | _arange(v.size).reshape(v.shape)
+
+
+def _fine_order(s: np.ndarray) -> np.ndarray:
+    """Key bits 32-54 that order pixels of the same level by s (exponent and leading mantissa bits of s >= 0). Any
+    tie-break is correct; one that follows s keeps regions few (a climb follows the map's own slope)."""
+    return (np.ascontiguousarray(s, dtype=np.float64).view(np.int64) >> 7) & _FINE
+
+
+def _wsol_convention(boxes: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Contour pixel box -> (x, y, min(x + w, W - 1), min(y + h, H - 1)) (§2.4)."""
+    return np.minimum(boxes + [0, 0, 1, 1], [W, H, W - 1, H - 1])
+
+
+def scoremap_boxes(scoremap, threshold: float, multi_contour: bool = True) -> np.ndarray:
+    """wsolevaluation's boxes (K, 4) for one map (H, W) at one threshold tau (§2.2-2.4); (0, 0, 0, 0) if empty."""
+    s = check_scoremaps(scoremap)
+    q = (s * 255).astype(np.uint8)
+    cut = int(np.trunc(threshold * q.max()))
+    boxes, _, cuts = _contours(q, _fine_order(s), multi_contour)
+    return _wsol_convention(boxes[cuts == cut], *s.shape[1:]) if (cuts == cut).any() else np.zeros((1, 4), np.int64)
+
+
+def _best_iou_per_cut(s: np.ndarray, q: np.ndarray, gt_boxes: list, multi_contour: bool) -> np.ndarray:
+    """(B, H, W) maps and their q, B lists of GT boxes -> (B, 255) best IoU over boxes x GT boxes at each cut (§2.6)."""
+    B, H, W = s.shape
+    boxes, image, cut = _contours(q, _fine_order(s), multi_contour)
+    gt = np.full((B, max(len(g) for g in gt_boxes), 4), -2)  # padding boxes overlap nothing: IoU 0
+    for i, g in enumerate(gt_boxes):
+        gt[i, : len(g)] = g
+    best = np.full((B, _CUTS), -1.0)
+    np.maximum.at(best.reshape(-1), image * _CUTS + cut, _iou(_wsol_convention(boxes, H, W)[:, None], gt[image]).max(1))
+    empty = _iou(np.zeros(4, np.int64), gt).max(1)  # (B,) IoU of the box (0, 0, 0, 0) of cuts without foreground
+    return np.where(best < 0, empty[:, None], best)  # (B, 255)
+
+
+def _chunks(q: np.ndarray, max_pixels: int = 1 << 18, max_pieces: int = 1 << 13) -> list[slice]:
+    """Maps per _contours call: several, to amortise the Python overhead (about 4 CAM-like 224 x 224 maps), but few
+    when the maps are rough (many row-local minima: many regions, large tables; one 224 x 224 noise map)."""
+    rough = ((q[:, :, 1:-1] < q[:, :, :-2]) & (q[:, :, 1:-1] <= q[:, :, 2:])).sum((1, 2)) + 1  # (B,)
+    chunks, start, pieces = [], 0, 0
+    for i, r in enumerate(rough.tolist()):
+        if i > start and (pieces + r > max_pieces or (i - start + 1) * q[0].size > max_pixels):
+            chunks.append(slice(start, i))
+            start, pieces = i, 0
+        pieces += r
+    return chunks + [slice(start, len(q))]
+
+
+class BoxEvaluator:
+    """wsolevaluation's BoxEvaluator (§2.6-2.7) on score maps (B, H, W) in [0, 1] and inclusive GT boxes in the same
+    frame: BoxAcc at every threshold of the grid for each IoU threshold, maximised over thresholds separately
+    (MaxBoxAcc@d), MaxBoxAccV2 = their mean (multi-contour), GT-known Loc = MaxBoxAcc@50, and, when class flags are
+    given, DA-WSOL's Top-1 / Top-5 Loc (the same box test at IoU 0.5 AND the class correct), also maximised on their
+    own. V1 (CVPR) is multi_contour_eval=False, iou_thresholds=(50,). compute(at=...) instead reports the accuracy
+    at thresholds chosen on another split, so that the reported split is never tuned on."""
+
+    def __init__(self, cam_curve_interval: float = 0.001, iou_thresholds: tuple[int, ...] = (30, 50, 70),
+                 multi_contour_eval: bool = True):
+        self.thresholds = threshold_grid(cam_curve_interval)  # (T,)
+        self.iou_thresholds, self.multi_contour_eval = tuple(iou_thresholds), multi_contour_eval
+        self.correct: dict[str, np.ndarray] = {}  # name -> (T,) number of images counted correct at each threshold
+        self.flagged = {"Top-1 Loc": 0, "Top-5 Loc": 0}  # images that came with class flags
+        self._per_cut, self._max_q = [], []  # (B, 255) best IoU at each cut, (B,) max q: enough for best_ious
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(m) for m in self._max_q)
+
+    def _cuts(self, max_q: np.ndarray) -> np.ndarray:
+        return np.trunc(self.thresholds[None] * max_q[:, None]).astype(np.int64)  # (B, T): trunc(tau * max q)
+
+    def accumulate(self, scoremaps, gt_boxes: list, top1_correct=None, top5_correct=None) -> None:
+        s = check_scoremaps(scoremaps)
+        gt = [_numpy(g).astype(np.int64).reshape(-1, 4) for g in gt_boxes]
+        if len(gt) != len(s) or min(len(g) for g in gt) == 0:
+            raise ValueError("need one (K >= 1, 4) array of GT boxes per score map")
+        q = (s * 255).astype(np.uint8)  # §2.2
+        per_cut = np.concatenate([_best_iou_per_cut(s[c], q[c], gt[c], self.multi_contour_eval) for c in _chunks(q)])
+        max_q = q.reshape(len(s), -1).max(1)
+        best = np.take_along_axis(per_cut, self._cuts(max_q), 1)  # (B, T) best IoU per image and threshold
+        hits = {f"MaxBoxAcc@{d}": best >= d / 100 for d in self.iou_thresholds} | {"GT-known Loc": best >= 0.5}
+        for name, flags in (("Top-1 Loc", top1_correct), ("Top-5 Loc", top5_correct)):
+            if flags is not None:
+                hits[name] = (best >= 0.5) & _numpy(flags).astype(bool)[:, None]
+                self.flagged[name] += len(s)
+        for name, hit in hits.items():
+            self.correct[name] = self.correct.get(name, 0) + hit.sum(0)
+        self._per_cut.append(per_cut)
+        self._max_q.append(max_q)
+
+    @property
+    def best_ious(self) -> np.ndarray:
+        """(N, T): per image and threshold, the best IoU over candidate boxes x GT boxes."""
+        per_cut, max_q = np.concatenate(self._per_cut), np.concatenate(self._max_q)
+        return np.take_along_axis(per_cut, self._cuts(max_q), 1)
+
+    def compute(self, at: dict[str, float] | None = None) -> dict:
+        """Accuracies in %, and "thresholds": name -> the tau that maximises it. With `at` (name -> tau, e.g. another
+        split's "thresholds"), also "<name>@val-τ" (MaxBoxAcc@d -> BoxAcc@d@val-τ) and BoxAccV2@val-τ."""
+        n = self.num_images
+        acc = {k: 100 * c / n for k, c in self.correct.items() if k not in self.flagged or self.flagged[k] == n}
+        out = {k: float(a.max()) for k, a in acc.items()}
+        box_names = [f"MaxBoxAcc@{d}" for d in self.iou_thresholds]
+        if self.multi_contour_eval:
+            out["MaxBoxAccV2"] = float(np.mean([out[k] for k in box_names]))
+        out["thresholds"] = {k: float(self.thresholds[a.argmax()]) for k, a in acc.items()}
+        for k, tau in (at or {}).items():
+            if k in acc:
+                hit = np.flatnonzero(np.abs(self.thresholds - tau) < 1e-9)
+                if len(hit) == 0:
+                    raise ValueError(f"threshold {tau} of {k!r} is not on this grid (cam_curve_interval differs?)")
+                out[f"{k.replace('MaxBoxAcc', 'BoxAcc')}@val-τ"] = float(acc[k][hit[0]])
+        at_box = [out.get(f"BoxAcc@{d}@val-τ") for d in self.iou_thresholds]
+        if self.multi_contour_eval and None not in at_box:
+            out["BoxAccV2@val-τ"] = float(np.mean(at_box))
+        return out
+
+
+class MaskEvaluator:
+    """wsolevaluation's MaskEvaluator (§4.1): PxAP, the area under the pixel precision-recall curve over the threshold
+    grid, and BAS-Extension's pIoU (best pixel IoU over thresholds). GT: label maps 1 = foreground, 0 = background,
+    255 = ignore (or 0/1 masks plus ignore masks; ignore never covers foreground)."""
+
+    def __init__(self, cam_curve_interval: float = 0.001):
+        self.edges = np.concatenate([threshold_grid(cam_curve_interval), [1.0, 2.0, 3.0]])  # numpy histogram bins
+        self.fg_hist = np.zeros(len(self.edges) - 1, np.int64)
+        self.bg_hist = np.zeros(len(self.edges) - 1, np.int64)
+
+    def accumulate(self, scoremaps, gt_masks, ignore_masks=None) -> None:
+        s = check_scoremaps(scoremaps)
+        gt = _numpy(gt_masks).reshape(s.shape)
+        fg = gt == 1
+        ignore = gt == 255
+        if ignore_masks is not None:
+            ignore |= _numpy(ignore_masks).reshape(s.shape).astype(bool)
+        bg = ~fg & ~ignore
+        for hist, pixels in ((self.fg_hist, s[fg]), (self.bg_hist, s[bg])):  # bins [e_i, e_i+1), as np.histogram
+            hist += np.bincount(np.searchsorted(self.edges, pixels, side="right") - 1, minlength=len(hist))
+
+    def compute(self) -> dict[str, float]:
+        tp, fp = np.cumsum(self.fg_hist[::-1]), np.cumsum(self.bg_hist[::-1])  # predicted fg at decreasing thresholds
+        positives = tp[-1]
+        if positives == 0:
+            raise RuntimeError("PxAP needs at least one foreground pixel")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = tp / (tp + fp)  # NaN where nothing is predicted: left out of the sum below
+        recall = tp / positives
+        pxap = (precision[1:] * np.diff(recall))[(tp + fp)[1:] != 0].sum()
+        return {"PxAP": float(100 * pxap), "pIoU": float(100 * (tp / (fp + positives)).max())}
+
+
+# %% 2. The method repos' own protocols (fixed threshold / test-split sweep), reported separately and labelled
+# Spec: metrics_data.md §5, tscam_scm.md §2.4 / §3.5, sat_bas.md A4 / B4. These reproduce the numbers in the papers'
+# tables; they are not comparable with wsolevaluation's (fixed or test-swept thresholds, other map processing).
+
+REPO_PROTOCOLS = {
+    "tscam": "TS-CAM repo protocol (GT-class map, bilinear + min-max, fixed τ, largest contour, box (x, y, x+w, y+h); "
+             "Top-1/Top-5 need IoU > 0.5, GT-known IoU >= 0.5)",
+    "scm": "SCM repo protocol (bilinear + min-max, largest contour, τ swept with Δ=0.01 ON THIS SPLIT per metric; "
+           "GT-known from the predicted top-1 class's map; IoU >= 0.5)",
+    "sat": "SAT repo protocol (low-res min-max +1e-5, bilinear, fixed τ on the float map, largest 8-connected "
+           "component by pixel count, box (minc, minr, maxc+1, maxr+1); IoU >= 0.5)",
+    "bas": "BAS-Extension repo protocol (as SAT's: low-res min-max +1e-5, bilinear, fixed τ, largest component by "
+           "pixel count; IoU >= 0.5)",
+}
+
+
+def _bilinear(maps: torch.Tensor, size: int) -> np.ndarray:
+    """(B, h, w) -> (B, size, size) float64, = OpenCV INTER_LINEAR to ~1e-15 (§1.1)."""
+    return torch.nn.functional.interpolate(maps[:, None].double(), size=(size, size), mode="bilinear",
+                                           align_corners=False)[:, 0].numpy()
+
+
+def _largest_contour_boxes(u: np.ndarray, threshold: float) -> np.ndarray:
+    """TS-CAM's get_bboxes (tscam_scm §2.4 step 3) on normalised maps (B, H, W): the largest contour of
+    {trunc(255 u) > trunc(tau * max)} -> (B, 4) (x, y, x + w, y + h), not clipped; (0, 0, 1, 1) when empty."""
+    q = (u * 255).astype(np.uint8)
+    cut = np.trunc(threshold * q.reshape(len(q), -1).max(1)).astype(np.int64)
+    foreground = (q > cut[:, None, None]).astype(np.uint8)  # cut 0 of this 0/1 stack is TS-CAM's binary map
+    boxes, image, _ = _contours(foreground, _fine_order(u), multi_contour=False)  # (at most one per image)
+    out = np.tile(np.array([0, 0, 1, 1]), (len(u), 1))
+    out[image] = boxes + [0, 0, 1, 1]
+    return out
+
+
+def _largest_component_boxes(foreground: np.ndarray, fine: np.ndarray) -> np.ndarray:
+    """SAT / BAS-Extension (sat_bas A4 step 3): per mask (B, H, W) the 8-connected component with the most pixels,
+    ties to the first in raster order (skimage labels) -> (B, 4) (minc, minr, maxc + 1, maxr + 1), not clipped;
+    (0, 0, W, H) when nothing is foreground."""
+    B, H, W = foreground.shape
+    tree = _LevelTree(foreground.astype(np.uint8), _order_key(foreground, fine), conn8=True)
+    node, cut = tree.pairs(np.arange(tree.N))
+    node, cut = node[cut == 0], cut[cut == 0]  # the components of {foreground > 0}
+    pixels = tree.index(tree.v, tree.label)
+    count = tree.at(tree.table([(pixels, np.ones(tree.v.size, np.int64))], np.add), node, cut, np.add)[:, 0]
+    first = -tree.at(tree.table([(pixels, -np.arange(tree.v.size))]), node, cut)[:, 0]
+    score = count * (tree.v.size + 1) - first
+    best = np.full(B, np.iinfo(np.int64).min)
+    np.maximum.at(best, tree.image[node], score)
+    win = score == best[tree.image[node]]
+    out = np.tile(np.array([0, 0, W, H]), (B, 1))
+    out[tree.image[node[win]]] = tree.boxes(node[win], cut[win]) + [0, 0, 1, 1]
+    return out
+
+
+class RepoProtocolEvaluator:
+    """An official repo's own box protocol, as a second, labelled report: keys "<protocol>-repo/<metric>" in %.
+
+    accumulate(lowres_maps, logits, labels, gt_boxes): lowres_maps (B, C, h, w) holds every class's map (class-
+    specific methods: the protocol picks the GT class's or the predicted class's) or (B, 1, h, w) one class-agnostic
+    map used for every class; logits (B, C); gt_boxes B arrays (K_i, 4) inclusive in the image_size frame.
+    NOTE(ours): a flat map becomes zeros where the repos would divide by zero (TS-CAM, SCM).
+    """
+
+    def __init__(self, protocol: Literal["tscam", "scm", "sat", "bas"], threshold: float | None, image_size: int):
+        if protocol not in REPO_PROTOCOLS:
+            raise ValueError(f"unknown repo protocol {protocol!r}: choose from {list(REPO_PROTOCOLS)}")
+        if threshold is None and protocol != "scm":
+            raise ValueError(f"the {protocol} protocol uses a fixed threshold; pass one")
+        self.protocol, self.threshold, self.image_size = protocol, threshold, image_size
+        self.counts = dict.fromkeys(("Top-1 Loc", "Top-5 Loc", "GT-known Loc", "Cls@1", "Cls@5"), 0)
+        self.num_images = 0
+        if protocol == "scm":  # wsolevaluation's code as SCM copied it: single contour, Δ 0.01, IoU 50 only
+            self.sweep_gt_class, self.sweep_top1_class = (BoxEvaluator(0.01, (50,), False) for _ in range(2))
+
+    def accumulate(self, lowres_maps, logits, labels, gt_boxes: list) -> None:
+        maps = torch.as_tensor(_numpy(lowres_maps), dtype=torch.float64)  # (B, C or 1, h, w)
+        labels = torch.as_tensor(_numpy(labels)).long()
+        top5 = torch.as_tensor(_numpy(logits)).topk(min(5, _numpy(logits).shape[1]), 1).indices  # (B, 5)
+        cls1, cls5 = (top5[:, 0] == labels).numpy(), (top5 == labels[:, None]).any(1).numpy()
+        gt = [_numpy(g).astype(np.int64).reshape(-1, 4) for g in gt_boxes]
+        self.counts["Cls@1"] += int(cls1.sum())
+        self.counts["Cls@5"] += int(cls5.sum())
+        self.num_images += len(labels)
+        rows = torch.arange(len(labels))
+        gt_map = maps[rows, labels] if maps.shape[1] > 1 else maps[:, 0]  # (B, h, w)
+        if self.protocol == "scm":
+            top1_map = maps[rows, top5[:, 0]] if maps.shape[1] > 1 else maps[:, 0]
+            self.sweep_gt_class.accumulate(normalize_scoremap(_bilinear(gt_map, self.image_size)), gt, cls1, cls5)
+            self.sweep_top1_class.accumulate(normalize_scoremap(_bilinear(top1_map, self.image_size)), gt)
+            return
+        if self.protocol == "tscam":
+            boxes = _largest_contour_boxes(normalize_scoremap(_bilinear(gt_map, self.image_size)), self.threshold)
+        else:
+            low = gt_map.flatten(1)
+            low = (gt_map - low.min(1).values[:, None, None]) / (low.max(1).values - low.min(1).values + 1e-5)[
+                :, None, None]
+            u = _bilinear(low, self.image_size)
+            boxes = _largest_component_boxes(u > self.threshold, _fine_order(u))
+        iou = np.array([box_iou(b[None], g).max() for b, g in zip(boxes, gt, strict=True)])  # (B,)
+        box_ok = iou > 0.5 if self.protocol == "tscam" else iou >= 0.5
+        self.counts["Top-1 Loc"] += int((box_ok & cls1).sum())
+        self.counts["Top-5 Loc"] += int((box_ok & cls5).sum())
+        self.counts["GT-known Loc"] += int((iou >= 0.5).sum())
+
+    def compute(self) -> dict[str, float]:
+        p, n = f"{self.protocol}-repo", self.num_images
+        out = {f"{p}/{k}": 100 * v / n for k, v in self.counts.items()}
+        if self.protocol != "scm":
+            return out | {f"{p}/threshold": self.threshold}
+        gt_class, top1_class = self.sweep_gt_class.compute(), self.sweep_top1_class.compute()
+        for k, result in (("Top-1 Loc", gt_class), ("Top-5 Loc", gt_class), ("GT-known Loc", top1_class)):
+            out[f"{p}/{k}"], out[f"{p}/threshold {k}"] = result[k], result["thresholds"][k]
+        return out
+
+
+class LocalizationMeter:
+    """Everything a method file's evaluation loop needs, one update per batch; each key names its protocol.
+
+    update(gt_class_maps (B, h, w) raw low-res maps of the GT class, maps (as RepoProtocolEvaluator takes them),
+    logits (B, C), labels (B,), gt_boxes (B arrays (K_i, 4)) or None, masks (B, S, S) 0/1/255 or None):
+    wsolevaluation's protocol on resize_scoremap(gt_class_maps): MaxBoxAccV2, MaxBoxAcc@30/50/70, GT-known Loc,
+    DA-WSOL's Top-1 / Top-5 Loc, Cls@1 / Cls@5, PxAP / pIoU; and "<repo>-repo/..." from the repo's own protocol.
+    compute(at) -> those numbers, "thresholds" (chosen on this split), and with `at` (another split's "thresholds")
+    the "...@val-τ" accuracies. examples() -> (index, normalised map, boxes at the GT-known threshold) of the first
+    num_examples images.
+    """
+
+    def __init__(self, image_size: int, repo_protocol: str | None, repo_threshold: float | None,
+                 cam_curve_interval: float = 0.001, has_masks: bool = False, num_examples: int = 8):
+        self.image_size, self.cam_curve_interval, self.num_examples = image_size, cam_curve_interval, num_examples
+        self.boxes = BoxEvaluator(cam_curve_interval)
+        self.masks = MaskEvaluator(cam_curve_interval) if has_masks else None
+        self.repo = RepoProtocolEvaluator(repo_protocol, repo_threshold, image_size) if repo_protocol else None
+        self.cls_correct, self.num_images = np.zeros(2, np.int64), 0
+        self._examples: list[tuple[int, np.ndarray]] = []
+        self._example_threshold: float | None = None
+
+    def update(self, gt_class_maps, maps, logits, labels, gt_boxes: list | None, masks=None) -> None:
+        scoremaps = resize_scoremap(gt_class_maps, self.image_size).reshape(-1, self.image_size, self.image_size)
+        labels = torch.as_tensor(_numpy(labels)).long()
+        top5 = torch.as_tensor(_numpy(logits)).topk(min(5, _numpy(logits).shape[1]), 1).indices  # (B, 5)
+        cls1, cls5 = (top5[:, 0] == labels).numpy(), (top5 == labels[:, None]).any(1).numpy()
+        self.cls_correct += [cls1.sum(), cls5.sum()]
+        if gt_boxes is not None:
+            self.boxes.accumulate(scoremaps, gt_boxes, cls1, cls5)
+            if self.repo is not None:
+                self.repo.accumulate(maps, logits, labels, gt_boxes)
+        if masks is not None and self.masks is not None:
+            self.masks.accumulate(scoremaps, masks)
+        for i in range(min(len(scoremaps), self.num_examples - len(self._examples))):
+            self._examples.append((self.num_images + i, scoremaps[i]))
+        self.num_images += len(scoremaps)
+
+    def compute(self, at: dict[str, float] | None = None) -> dict:
+        cls1, cls5 = 100 * self.cls_correct / self.num_images
+        out = {"Cls@1": cls1, "Cls@5": cls5, "cam_curve_interval": self.cam_curve_interval}
+        if self.boxes.num_images:
+            out |= self.boxes.compute(at)
+            self._example_threshold = (at or out["thresholds"])["GT-known Loc"]
+        if self.masks is not None:
+            out |= self.masks.compute()
+        if self.repo is not None and self.repo.num_images:
+            out |= self.repo.compute()
+        return {k: v if isinstance(v, dict) else float(v) for k, v in out.items()}
+
+    def examples(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(image index, (S, S) normalised map, (K, 4) wsolevaluation boxes at the GT-known threshold of the last
+        compute(), i.e. the val-chosen one when `at` was given); no boxes when no GT boxes were seen."""
+        tau = self._example_threshold
+        if tau is None and self.boxes.num_images:
+            tau = self.boxes.compute()["thresholds"]["GT-known Loc"]
+        return [(i, s, scoremap_boxes(s, tau) if tau is not None else np.zeros((0, 4), np.int64))
+                for i, s in self._examples]
+
+
+def format_report(metrics: dict, split: str) -> str:
+    """A few human lines; each says which protocol its numbers follow."""
+    def join(keys, strip: str = "") -> str:
+        return " | ".join(f"{k.removeprefix(strip)} {metrics[k]:.2f}" for k in keys if k in metrics)
+
+    delta = metrics.get("cam_curve_interval")
+    lines = [(f"wsolevaluation (GT-class map, multi-contour boxes, τ swept with Δ={delta} on {split} itself; Top-1/"
+              "Top-5 Loc as DA-WSOL: that box test and the class right)",
+              join(["MaxBoxAccV2", "MaxBoxAcc@30", "MaxBoxAcc@50", "MaxBoxAcc@70", "GT-known Loc", "Top-1 Loc",
+                    "Top-5 Loc", "Cls@1", "Cls@5"])),
+             ("wsolevaluation at the τ chosen on val", join([k for k in metrics if k.endswith("@val-τ")])),
+             (f"wsolevaluation pixel metrics (Δ={delta})", join(["PxAP", "pIoU"]))]
+    for name, description in REPO_PROTOCOLS.items():
+        lines.append((description, join([k for k in metrics if k.startswith(f"{name}-repo/")], f"{name}-repo/")))
+    return "\n".join(f"[{split}] {head}: {body}" for head, body in lines if body)
+
+
+# %% 3. Utilities: arguments, seeding, device, files, progress, pictures
+
+
+def parse_args(args_cls: type, argv: list[str] | None = None):
+    """Turn a method file's `Args` dataclass into a CLI: one `--flag-name` per field, help text from metadata["help"].
+
+    bool fields become `--flag/--no-flag`, Literal fields get `choices`, `X | None` fields accept the word `none`,
+    tuple fields take several values. Returns an `args_cls` instance.
+    """
+    hints = typing.get_type_hints(args_cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_cls):
+        if not f.init:
+            continue
+        kind, optional = hints[f.name], False
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind, optional = inner[0], len(inner) < len(typing.get_args(kind))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        opts: dict = {"default": default, "help": f.metadata.get("help", " ")}
+        if kind is bool:
+            opts["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            opts["choices"] = list(typing.get_args(kind))
+            opts["type"] = type(opts["choices"][0])
+        elif typing.get_origin(kind) is tuple:
+            opts["nargs"] = "*"
+            opts["type"] = typing.get_args(kind)[0]
+        else:
+            opts["type"] = kind
+        if optional and "type" in opts:  # `--lr none` restores "use the dataset preset"
+            base = opts["type"]
+            opts["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
+        parser.add_argument("--" + f.name.replace("_", "-"), **opts)
+    values = vars(parser.parse_args(argv))
+    return args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def apply_preset(args, presets: dict[str, dict]) -> None:
+    """Fill every field left at None from the preset of `args.data` (the table at the top of each method file)."""
+    for name, value in presets[args.data].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch; `deterministic` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA when present, else CPU. Asking for CUDA on a machine without it is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} was asked for, but torch sees no CUDA device (use --device cpu)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full fp32 on CPU (bf16 does not speed up small models on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state() -> dict:
+    """Every random generator a run draws from, for checkpoints that resume exactly."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: str | Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`; a missing or damaged file is a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def write_json(path: str | Path, obj) -> None:
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line with a single write call, so a reader never sees half a row."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+
+
+def make_run_dir(out_dir: str, data: str, method: str, seed: int, name: str | None = None) -> Path:
+    """runs/<data>__<method>__<seed>__<time>/ (STYLE.md §3.9), or runs/<name>/ when a name is given."""
+    run = Path(out_dir) / (name or f"{data}__{method}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+class Progress:
+    """Prints `tag step/total | key value ... | img/s | ETA` every `every` steps, and once at the end."""
+
+    def __init__(self, total_steps: int, every: int = 50, start_step: int = 0):
+        self.total, self.every, self.step = total_steps, every, start_step
+        self.t0, self.start, self.images = time.perf_counter(), start_step, 0
+
+    def update(self, batch_size: int, tag: str, **values: float) -> None:
+        self.step += 1
+        self.images += batch_size
+        if self.step % self.every and self.step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = self.images / max(elapsed, 1e-9)
+        eta = elapsed / max(self.step - self.start, 1) * (self.total - self.step)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        eta_text = format_seconds(eta)
+        print(f"{tag} step {self.step}/{self.total} | {shown} | {rate:.0f} img/s | ETA {eta_text}", flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """A small 'jet' colormap: [0, 1] floats (H, W) -> uint8 RGB (H, W, 3), blue -> cyan -> yellow -> red."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def save_overlay(image: np.ndarray, scoremap: np.ndarray, gt_boxes, pred_boxes, path: str | Path,
+                 alpha: float = 0.5, scale: int = 1) -> None:
+    """Write image | heat map overlay side by side, GT boxes in green and predicted boxes in red, as a PNG.
+
+    image (H, W, 3) uint8; scoremap (H, W) in [0, 1] on the same frame; boxes (K, 4) inclusive x0, y0, x1, y1.
+    """
+    h, w = scoremap.shape
+    heat = (alpha * _jet(scoremap) + (1 - alpha) * image).astype(np.uint8)
+    canvas = Image.fromarray(np.concatenate([image, heat], axis=1))
+    if scale != 1:
+        canvas = canvas.resize((2 * w * scale, h * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(canvas)
+    for boxes, colour in ((gt_boxes, (0, 255, 0)), (pred_boxes, (255, 0, 0))):
+        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.int64).reshape(-1, 4).tolist():
+            for dx in (0, w):  # the same box on both panels
+                draw.rectangle([(x0 + dx) * scale, y0 * scale, (x1 + dx + 1) * scale - 1, (y1 + 1) * scale - 1],
+                               outline=colour)
+    _atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def eigen_cam(features: torch.Tensor, sign: Literal["maxabs", "none"] = "maxabs") -> torch.Tensor:
+    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the projection of each image's centred features on their first
+    principal direction, ReLU'd. Training-free and class-agnostic. features (B, P, D) -> (B, P).
+
+    As pytorch-grad-cam's get_2d_projection: centre over positions, SVD, p = X v1. The SVD's sign is arbitrary, so
+    `maxabs` flips p when |min p| > |max p| (the library's Seg-Eigen-CAM rule); `none` keeps LAPACK's sign.
+    """
+    x = features.float()
+    x = x - x.mean(dim=1, keepdim=True)  # (B, P, D), centred per channel
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh (B, min(P, D), D)
+    p = x @ vh[:, 0, :, None]  # (B, P, 1)
+    p = p[..., 0]
+    if sign == "maxabs":
+        flip = p.amin(dim=1).abs() > p.amax(dim=1).abs()
+        p = torch.where(flip[:, None], -p, p)
+    return p.clamp(min=0)
