@@ -769,6 +769,25 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
+def restore(args, model: torch.nn.Module, optimizer: torch.optim.Optimizer, load_pretrained) -> int:
+    """A run's starting state -> the first epoch to train. --resume: last.pt's weights, optimizer and RNG, exactly;
+    --eval-only: the --checkpoint weights; else `load_pretrained(model.vit, args.pretrained)` unless it is 'none'."""
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        print(f"resumed {args.resume} at epoch {state['epoch']}", flush=True)
+        return state["epoch"]
+    if args.eval_only:
+        if not args.checkpoint:
+            raise SystemExit("error: --eval-only needs --checkpoint PATH")
+        model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
+    elif args.pretrained != "none":
+        load_pretrained(model.vit, args.pretrained)
+    return 0
+
+
 def write_json(path: str | Path, obj) -> None:
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 

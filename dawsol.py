@@ -9,34 +9,29 @@ Shapes  B batch, P = h*w patch tokens, N = 1 + P tokens, D width, C classes, n =
         per valid image, c valid images in a batch, N_u universum samples in a batch
 
 What the code does where the paper is silent or says otherwise (README "deviations" repeats these):
-1. NOTE(code) the class anchor M_y is a cumulative mean of the centre of cluster 1 (seeded by z: T^f), not of T^t
-   as the paper describes; a class's first anchor is z itself, with no noise. No momentum, never reset.
-2. NOTE(code) the 3-way k-means is sklearn's k_means as the official code calls it: seeds [M_u, z, M_y], Lloyd,
-   stop on unchanged labels or a centre shift <= tol * mean channel variance, then one last assignment; an empty
-   cluster takes the point farthest from its own centre (labels and centres match sklearn 1.9.1 on 550 random maps).
-3. NOTE(code) L_d is the linear-time MMD estimate with the SUM of 5 Gaussian kernels, bandwidths {1/4 .. 4} x the
-   detached mean pairwise squared distance of the image's 2n samples; row 0 of S is z. L_u is the per-element mean
-   of the universum features (an L1 norm because they are non-negative). DAL starts after plain CAM epochs
-   (official `epoch > start_epoch`; our 0-based dal_start_epoch = start_epoch + 1). SGD Nesterov 0.9, weight
-   decay on every parameter, neck and classifier at 10x lr, x0.1 at 1-based epochs divisible by the step.
-4. NOTE(ours) ViT adaptation (spec §5): the classifier reads GAP of the patch tokens (cls token unused) after a
-   per-token Linear + ReLU neck (xavier, 10x lr), so the features are non-negative as the zero universum seed and
-   L_u assume; `--neck none` uses the final-LN tokens and L_u = mean |U|.
-5. NOTE(ours) NaN guards: no valid image in a batch (c = 0) gives L_d = 0 and an empty T^u gives L_u = 0 (the
-   official code gives NaN); metrics.jsonl counts those batches (train/dal_skipped, train/universum_skipped). The
-   MMD bandwidth is floored at 1e-12, so identical samples give 0, not 0/0.
-6. NOTE(ours) `--tsa-mode batched` (default) clusters a whole batch at once, seeded from the memory as it was at
-   the start of the batch (then the cumulative means equal the image-by-image ones); `sequential` is the official
-   order, where each image sees the anchors the previous ones moved. Samples are drawn with torch's RNG, not
-   Python's random.shuffle. The memory is a buffer of the model, so checkpoints hold it and --resume continues it.
-7. NOTE(ours) evaluation is wsolevaluation's, as DA-WSOL reports it (GT-class CAM, MaxBoxAccV2, GT-known, Top-1
-   Loc, PxAP/pIoU) with thresholds chosen on val and applied to test (the official code maximises on the reported
-   split); DA-WSOL has no fixed-threshold protocol of its own, so there is no "repo" report.
-8. NOTE(ours) the synthetic preset (64 px, patch 8, width 128, depth 4, from scratch, AdamW 1e-3, warmup + cosine,
-   grad clip 1: tscam.py's) adds: n = 8 for the 8x8 grid; DAL from the 2nd epoch as officially; the `centred`
-   neck, because from scratch the plain neck gives background tokens features as large as the object's, so the
-   zero-seeded universum cluster takes the object and DAL inverts the CAM; lambda2 = 0.2, because the official 2
-   shrinks every feature towards 0 under AdamW and classification collapses (both measured on this set).
+1. NOTE(code) the class anchor M_y is a cumulative mean (no momentum, never reset) of cluster 1's centre (seeded by z:
+   T^f), not of T^t as the paper says; a class's first anchor is z itself, no noise.
+2. NOTE(code) 3-way k-means as the official sklearn k_means call: seeds [M_u, z, M_y], Lloyd, stop on unchanged labels
+   or a centre shift <= tol * mean channel variance, then one last assignment; an empty cluster takes the point
+   farthest from its own centre (labels and centres match sklearn 1.9.1 on 550 random maps).
+3. NOTE(code) L_d: linear-time MMD, SUM of 5 Gaussian kernels, bandwidths {1/4 .. 4} x the detached mean pairwise
+   squared distance of an image's 2n samples, row 0 of S = z. L_u: per-element mean of universum features (L1 norm:
+   non-negative). DAL after plain CAM epochs (official `epoch > start_epoch`: dal_start_epoch = start_epoch + 1,
+   0-based). SGD Nesterov 0.9, decay on all params, neck + head 10x lr, x0.1 at 1-based epochs divisible by a step.
+4. NOTE(ours) ViT (spec §5): per-token Linear + ReLU neck (xavier, 10x lr) keeps patch features >= 0, as the zero
+   universum seed and L_u assume; classifier on GAP (cls unused); `--neck none`: final-LN tokens, L_u = mean |U|.
+5. NOTE(ours) NaN guards (official: NaN): L_d = 0 if c = 0, L_u = 0 if T^u is empty, counted in metrics.jsonl
+   (train/dal_skipped, train/universum_skipped); MMD bandwidth floor 1e-12: identical samples give 0, not 0/0.
+6. NOTE(ours) `--tsa-mode batched` (default) clusters whole batches, seeded from the memory at the batch's start
+   (cumulative means = image-by-image ones); `sequential`: official order, each image sees anchors earlier ones moved.
+   Sampling: torch RNG, not random.shuffle. Memory = model buffers: checkpoints hold it, --resume continues it.
+7. NOTE(ours) eval: wsolevaluation's as in DA-WSOL (GT-class CAM, MaxBoxAccV2, GT-known, Top-1 Loc, PxAP/pIoU), val
+   thresholds on test (official: tuned on the reported split); no fixed-threshold "repo" report (DA-WSOL has none).
+8. NOTE(ours) synthetic preset (tscam.py's 64 px, patch 8, width 128, depth 4, from scratch, AdamW 1e-3, warmup +
+   cosine, grad clip 1) adds: n = 8 (8x8 grid); DAL from epoch 2 (official); `centred` neck (from scratch, plain-neck
+   background features rival the object's, so the zero-seeded universum cluster takes the object and DAL inverts the
+   CAM); lambda2 = 0: from scratch, L_u drives the object's tokens into the universum and inverts the CAM (5-epoch
+   ablation, test GT-known at the val tau: plain CAM 35.6 %, + L_d 61.2 %, + L_u 11.6 %, + both at lambda2 0.2 6.8 %).
 """
 
 from __future__ import annotations
@@ -120,10 +115,10 @@ class Args:
 
 
 PRESETS = {  # the values a None field takes for each dataset; the official ones are the ResNet50 scripts' (spec §2.1)
-    "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=10,
+    "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=5,
                       batch_size=64, optimizer="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.05,
                       schedule="cosine", lr_steps=(), warmup_steps=100, grad_clip=1.0, neck="centred",
-                      lambda_dal=0.3, lambda_universum=0.2, dal_start_epoch=1, n_samples=8),
+                      lambda_dal=0.3, lambda_universum=0.0, dal_start_epoch=1, n_samples=8),
     "cub": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=50,
                 batch_size=32, optimizer="sgd", lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, schedule="step",
                 lr_steps=(30,), warmup_steps=0, grad_clip=0.0, neck="linear_relu", lambda_dal=0.3,
@@ -309,23 +304,13 @@ class DAWSOL(nn.Module):
 
     def forward(self, images: torch.Tensor, need_maps: bool = False) -> dict[str, torch.Tensor]:
         tokens = self.vit(images)  # (B, N, D); the cls token stays in the sequence (the weights expect it), unused
-        B, N, D = tokens.shape
-        h, w = self.vit.grid
         patches = tokens[:, 1:] - tokens[:, 1:].mean(1, keepdim=True) if self.centre else tokens[:, 1:]  # (B, P, D)
         features = self.neck(patches)  # (B, P, D): X, the pixel-level features = target domain
         image_feature = features.mean(dim=1)  # (B, D): z = GAP(X), the image-level feature = source domain
         out = {"logits": self.head(image_feature), "features": features, "image_feature": image_feature}  # (B, C)
         if need_maps:  # the classifier at every position; logits = the mean of this map over positions
-            out["cam"] = self.head(features).transpose(1, 2).reshape(B, -1, h, w)  # (B, C, h, w)
+            out["cam"] = self.head(features).transpose(1, 2).reshape(len(images), -1, *self.vit.grid)  # (B, C, h, w)
         return out
-
-
-def eigencam_features(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """The input of the last block after its norm1 (pytorch-grad-cam's ViT layer; spec dawsol_eigencam §6.3)."""
-    x = vit.embed(images)
-    for block in vit.blocks[:-1]:
-        x, _ = block(x)
-    return vit.blocks[-1].norm1(x)[:, 1:]  # (B, P, D)
 
 
 @torch.no_grad()
@@ -354,16 +339,14 @@ def kmeans(points: torch.Tensor, init: torch.Tensor, max_iter: int, tol: float):
             farthest = (points - own).pow(2).sum(-1).topk(k - 1, dim=1).indices  # (B, k - 1), farthest first
             rank = (empty.long().cumsum(1) - 1).clamp(0, k - 2)  # (B, k)
             for j in range(k):  # over the k clusters, never over points
-                take = empty[:, j]  # (B,)
-                index = farthest[rows, rank[:, j]]  # (B,)
+                take, index = empty[:, j], farthest[rows, rank[:, j]]  # (B,), (B,)
                 x, old = points[rows, index], labels[rows, index]  # (B, D), (B,): the point leaves its cluster
                 sums[rows, old] -= take[:, None] * x
                 counts[rows, old] -= take.to(counts.dtype)
                 sums[:, j] = torch.where(take[:, None], x, sums[:, j])
                 counts[:, j] = torch.where(take, 1.0, counts[:, j])
         new = sums / counts.clamp(min=1)[..., None]  # (B, k, D); a cluster emptied by relocation keeps its sum
-        shift = (new - centres).pow(2).sum((1, 2))  # (B,)
-        unchanged = (labels == labels_old).all(1)  # (B,)
+        shift, unchanged = (new - centres).pow(2).sum((1, 2)), (labels == labels_old).all(1)  # (B,), (B,)
         centres = torch.where(active[:, None, None], new, centres)
         kept_labels = torch.where(active[:, None], labels, kept_labels)
         strict |= active & unchanged
@@ -376,10 +359,8 @@ def kmeans(points: torch.Tensor, init: torch.Tensor, max_iter: int, tol: float):
 
 
 class TargetSampleAssigner(nn.Module):
-    """TSA (spec §1.5): per image, 3-way k-means of its P target samples seeded with [M_u, z, M_y] -> the universum
-    T^u (cluster 0), source-like T^f (cluster 1) and target T^t (cluster 2) sets. The memory M (universum anchor
-    M_u, class anchors M_y) holds cumulative means with counts r: no momentum, never reset. Float64 as the official
-    numpy arrays; buffers, so checkpoints carry them (NOTE(ours))."""
+    """TSA (spec §1.5): 3-way k-means of an image's P target samples, seeds [M_u, z, M_y] -> clusters 0, 1, 2: universum
+    T^u, source-like T^f, target T^t. Memory M: anchors M_u, M_y, counts r (float64 buffers as the official numpy)."""
 
     def __init__(self, num_classes: int, dim: int, max_iter: int, tol: float):
         super().__init__()
@@ -394,8 +375,7 @@ class TargetSampleAssigner(nn.Module):
         B, C = len(labels), len(self.class_counts)
         z = image_feature.double()  # (B, D)
         # step 1: a class seen for the first time gets its image feature as anchor (the batch's first image of it)
-        order = torch.arange(B, device=labels.device)
-        first = torch.full((C,), B, device=labels.device).scatter_reduce(0, labels, order, "amin")  # (C,)
+        first = labels.new_full((C,), B).scatter_reduce(0, labels, torch.arange(B, device=labels.device), "amin")
         new = (self.class_counts == 0) & (first < B)
         self.class_anchors[new] = z[first[new]]
         self.class_counts[new] = 1.0
@@ -403,8 +383,7 @@ class TargetSampleAssigner(nn.Module):
         init = torch.stack([self.universum_anchor.expand(B, -1), z, self.class_anchors[labels]], dim=1)  # (B, 3, D)
         centres, clusters = kmeans(features.float(), init.float(), self.max_iter, self.tol)  # (B, 3, D), (B, P)
         centres = centres.double()
-        # step 4: M_u and M_y (with the centre of cluster 1, NOTE(code)) become cumulative means; applying the
-        # images one by one, as the official code does, gives the same values
+        # step 4: M_u, M_y (with cluster 1's centre, NOTE(code)) become cumulative means, as the official one by one
         self.universum_anchor.mul_(self.universum_count).add_(centres[:, 0].sum(0)).div_(self.universum_count + B)
         self.universum_count += B
         seen = torch.bincount(labels, minlength=C).double()  # (C,)
@@ -420,11 +399,9 @@ class TargetSampleAssigner(nn.Module):
         """(B, D), (B, P, D), (B,) -> S (c, n, D), T (c, n, D), U (N_u, D), clusters (B, P), stats. Differentiable in
         the features; only the clustering and the memory are not (spec §1.4)."""
         B, P, D = features.shape
-        if mode == "sequential":  # the official order: each image sees the anchors the previous ones moved
-            clusters = torch.cat([self.cluster(image_feature[i:i + 1], features[i:i + 1], labels[i:i + 1])
-                                  for i in range(B)])  # (B, P)
-        else:
-            clusters = self.cluster(image_feature, features, labels)  # (B, P)
+        clusters = (torch.cat([self.cluster(image_feature[i:i + 1], features[i:i + 1], labels[i:i + 1])
+                               for i in range(B)])  # the official order: each image sees the anchors earlier ones moved
+                    if mode == "sequential" else self.cluster(image_feature, features, labels))  # (B, P)
 
         def draw(cluster: int, count: int):  # `count` random members of a cluster per image (step 6)
             member = clusters == cluster  # (B, P)
@@ -436,8 +413,7 @@ class TargetSampleAssigner(nn.Module):
         target, n_t = draw(2, n)  # (B, n, D): T^t
         valid = (n_t >= n) & (n_f >= n - 1)  # (B,): enough samples in both sets
         S = torch.cat([image_feature[:, None], source_like], dim=1)[valid]  # (c, n, D): row 0 is z
-        T = target[valid]  # (c, n, D)
-        U = features[clusters == 0]  # (N_u, D): every T^u row of every image (step 7)
+        T, U = target[valid], features[clusters == 0]  # (c, n, D), (N_u, D): every T^u row of every image (step 7)
         stats = {"tsa_valid_frac": valid.float().mean().item()}
         stats |= {f"tsa_frac_{name}": (clusters == i).float().mean().item() for i, name in enumerate("uft")}
         return S, T, U, clusters, stats
@@ -445,10 +421,9 @@ class TargetSampleAssigner(nn.Module):
 
 # %% 4. Loss (spec §1.6-§1.8): L = L_c + lambda1 * L_d + lambda2 * L_u
 def mmd_linear(S: torch.Tensor, T: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
-    """Linear-time multi-kernel MMD of each image's two sets (mmd.py:mmd_rbf_accelerate with its default kernel_mul
-    and kernel_num, which no official script changes). S, T (c, n, D) -> (c,):
-    1/n sum_j k(s_j, s_j+1) + k(t_j, t_j+1) - k(s_j, t_j+1) - k(s_j+1, t_j), indices mod n, with the kernel
-    k(a, b) = sum_q exp(-|a - b|^2 / sigma_q), sigma_q = bandwidth * mul^(q - num // 2) for q = 0 .. num - 1."""
+    """Linear-time multi-kernel MMD per image (mmd.py:mmd_rbf_accelerate, default kernel_mul and kernel_num as in every
+    official script). S, T (c, n, D) -> (c,): mean_j k(s_j, s_j+1) + k(t_j, t_j+1) - k(s_j, t_j+1) - k(s_j+1, t_j),
+    j mod n; k(a, b) = sum_q exp(-|a - b|^2 / sigma_q), sigma_q = bandwidth * mul^(q - num // 2), q = 0 .. num - 1."""
     W = torch.cat([S, T], dim=1)  # (c, 2n, D)
     with torch.no_grad():  # bandwidth = the mean off-diagonal squared distance of the 2n samples, detached, using
         spread = (W - W.mean(1, keepdim=True)).pow(2).sum((1, 2))  # sum_a,b |w_a - w_b|^2 = 4n sum_a |w_a - mean|^2
@@ -493,14 +468,14 @@ def compute_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, args: Args,
 
 # %% 5. Localization map
 def localization_map(model: DAWSOL, out: dict[str, torch.Tensor], images: torch.Tensor, kind: str) -> torch.Tensor:
-    """Low-resolution maps (B, C, h, w) for every class, or (B, 1, h, w) when the map is class-agnostic.
-
-    Evaluation (common.LocalizationMeter) resizes and min-max normalises them, so they need not be in [0, 1].
-    """
+    """Low-resolution maps (B, C, h, w) for every class, or (B, 1, h, w) if class-agnostic; common.LocalizationMeter
+    resizes and min-max normalises them, so they need not be in [0, 1]."""
     if kind == "cam":  # spec §1.9: the classifier's score at each position (no ReLU; min-max removes the bias)
         return out["cam"]
-    h, w = model.vit.grid
-    return common.eigen_cam(eigencam_features(model.vit, images)).reshape(-1, 1, h, w)  # (B, 1, h, w)
+    x = model.vit.embed(images)  # eigencam: the input of the last block after its norm1 (pytorch-grad-cam's ViT
+    for block in model.vit.blocks[:-1]:  # layer; spec dawsol_eigencam §6.3)
+        x, _ = block(x)
+    return common.eigen_cam(model.vit.blocks[-1].norm1(x)[:, 1:]).reshape(-1, 1, *model.vit.grid)  # (B, 1, h, w)
 
 
 # %% 6. Loops
@@ -513,8 +488,7 @@ def param_groups(model: DAWSOL, args: Args) -> list[dict]:
 def learning_rate(args: Args, step: int, steps_per_epoch: int) -> float:
     """The LR at a global step (0-based). Stateless, so a resumed run follows the same curve."""
     if args.schedule == "step":  # NOTE(code): x factor at the start of each 1-based epoch divisible by a step value
-        epoch = step // steps_per_epoch + 1
-        hits = sum(any(e % s == 0 for s in args.lr_steps) for e in range(1, epoch + 1))
+        hits = sum(any(e % s == 0 for s in args.lr_steps) for e in range(1, step // steps_per_epoch + 2))
         return args.lr * args.lr_factor**hits
     total = args.epochs * steps_per_epoch
     if step < args.warmup_steps:
@@ -528,9 +502,8 @@ def train_one_epoch(model, loader, optimizer, args: Args, epoch: int, device, pr
     totals, seen = {}, 0
     tsa = model.tsa if epoch >= args.dal_start_epoch else None  # DAL switches on at dal_start_epoch
     for i, batch in enumerate(loader):
-        step = epoch * len(loader) + i
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, step, len(loader)) * group["lr_mult"]
+            group["lr"] = learning_rate(args, epoch * len(loader) + i, len(loader)) * group["lr_mult"]
         images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with common.autocast(device):
             out = model(images)
@@ -591,20 +564,7 @@ def main(args: Args) -> dict[str, float]:
     groups = param_groups(model, args)
     optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
                  if args.optimizer == "sgd" else torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
-    start_epoch = 0
-    if args.resume:
-        state = common.load_checkpoint(args.resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        start_epoch = state["epoch"]
-        print(f"resumed {args.resume} at epoch {start_epoch}", flush=True)
-    elif args.eval_only:
-        if not args.checkpoint:
-            raise SystemExit("error: --eval-only needs --checkpoint PATH")
-        model.load_state_dict(common.load_checkpoint(args.checkpoint)["model"])
-    elif args.pretrained != "none":
-        load_deit_weights(model.vit, args.pretrained)
+    start_epoch = common.restore(args, model, optimizer, load_deit_weights)
 
     epochs = 0 if args.eval_only else args.epochs
     steps_per_epoch = len(splits["train"]) // args.batch_size

@@ -127,7 +127,7 @@ class Args:
 
 
 PRESETS = {  # the values a None field takes for each dataset; the official ones are SAT's (spec A3, E.1)
-    "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=12,
+    "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=6,
                       batch_size=64, lr=1e-3, schedule="cosine", min_lr=0.0, warmup_steps=100, grad_clip=1.0,
                       area_threshold=0.15, map_loss_warmup=300, test_crop=False, repo_threshold=0.4),
     "cub": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=30,
@@ -509,20 +509,7 @@ def main(args: Args) -> dict[str, float]:
         raise SystemExit(f"error: {e}") from None
     model = SAT(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.decay_tokens), lr=args.lr, eps=1e-8)
-    start_epoch = 0
-    if args.resume:
-        state = common.load_checkpoint(args.resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        start_epoch = state["epoch"]
-        print(f"resumed {args.resume} at epoch {start_epoch}", flush=True)
-    elif args.eval_only:
-        if not args.checkpoint:
-            raise SystemExit("error: --eval-only needs --checkpoint PATH")
-        model.load_state_dict(common.load_checkpoint(args.checkpoint)["model"])
-    elif args.pretrained != "none":
-        load_deit_weights(model.vit, args.pretrained)  # the spatial token and the head stay at their init
+    start_epoch = common.restore(args, model, optimizer, load_deit_weights)  # spatial token and head keep their init
 
     epochs = 0 if args.eval_only else args.epochs
     steps_per_epoch = len(splits["train"]) // args.batch_size

@@ -41,9 +41,9 @@ What the code does where the paper is silent or says otherwise (README "deviatio
 10. NOTE(ours) under bf16 autocast (CUDA) the SCM layers run in fp32, as the fp32 official code does: in bf16,
    tanhshrink(u) = u - tanh(u) of the small values here loses most digits (d off by up to 0.5 after min-max).
 11. NOTE(ours) the synthetic preset (64 px, patch 8, width 128, depth 4, from scratch, AdamW 1e-3 with warmup and
-   cosine, grad clip 1) is tscam.py's (../shared/specs/synthetic_demo.md records why) but for 9 epochs instead of
-   12: at this size an SCM step costs about 1.33x a TS-CAM step (explicit attention plus the calibration layers),
-   so 9 epochs take TS-CAM's 12-epoch time and the run stays within its CPU budget.
+   cosine, grad clip 1) is tscam.py's (../shared/specs/synthetic_demo.md records why) but for 5 epochs instead of
+   6: at this size an SCM step costs about 1.2-1.6x a TS-CAM step (explicit attention plus the calibration layers;
+   benchmarks/bench_model.py), so 5 epochs take about TS-CAM's 6-epoch time and the run stays within 5 CPU minutes.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Args:
 
 
 PRESETS = {  # the values a None field takes for each dataset; the official ones are SCM's (spec §3.4)
-    "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=9,
+    "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=5,
                       batch_size=64, lr=1e-3, schedule="cosine", lr_steps=(), warmup_steps=100, grad_clip=1.0,
                       repo_threshold=0.1),
     "cub": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=30,
@@ -518,20 +518,7 @@ def main(args: Args) -> dict[str, float]:
         raise SystemExit(f"error: {e}") from None
     model = SCM(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
-    start_epoch = 0
-    if args.resume:
-        state = common.load_checkpoint(args.resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        start_epoch = state["epoch"]
-        print(f"resumed {args.resume} at epoch {start_epoch}", flush=True)
-    elif args.eval_only:
-        if not args.checkpoint:
-            raise SystemExit("error: --eval-only needs --checkpoint PATH")
-        model.load_state_dict(common.load_checkpoint(args.checkpoint)["model"])
-    elif args.pretrained != "none":
-        load_deit_weights(model.vit, args.pretrained)
+    start_epoch = common.restore(args, model, optimizer, load_deit_weights)
 
     epochs = 0 if args.eval_only else args.epochs
     steps_per_epoch = len(splits["train"]) // args.batch_size

@@ -27,3 +27,11 @@ def tiny_args(module, root, out_dir, *extra: str, **overrides):
     args = dataclasses.replace(args, **overrides)
     common.apply_preset(args, module.PRESETS)
     return args
+
+
+def assert_beats_trivial_baselines(final: dict) -> None:
+    """A default synthetic run's test numbers (thresholds chosen on val) against image-independent boxes: GT-known
+    30 points above the best centred square (side chosen on test itself), MaxBoxAccV2 30 above the whole image."""
+    baselines = data.synthetic_baselines()  # GT-known % of trivial boxes on the synthetic test split
+    assert final["test/GT-known Loc@val-τ"] >= baselines["best_centred_square"] + 30.0
+    assert final["test/BoxAccV2@val-τ"] >= baselines["whole_image"] + 30.0

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import common
-import data
 import sat
-from conftest import TINY_ARGS, tiny_args
+from conftest import TINY_ARGS, assert_beats_trivial_baselines, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_KERNEL = {"corner": 0.002628, "edge": 0.046012, "centre": 0.805440}  # spec A1.3, from the official get_kernel
@@ -287,5 +286,4 @@ def test_eval_only_matches_the_training_run(tiny_synthetic, tmp_path):
 @pytest.mark.slow
 def test_default_synthetic_run_beats_the_trivial_baselines(tmp_path):
     final = sat.main(common.parse_args(sat.Args, ["--out-dir", str(tmp_path)]))
-    baselines = {k: v for k, v in data.synthetic_baselines().items() if k != "best_square_side"}  # % GT-known
-    assert final["test/GT-known Loc"] >= max(baselines.values()) + 20.0
+    assert_beats_trivial_baselines(final)

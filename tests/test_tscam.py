@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import common
-import data
 import tscam
-from conftest import TINY_ARGS, tiny_args
+from conftest import TINY_ARGS, assert_beats_trivial_baselines, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,6 +224,4 @@ def test_parse_args_understands_the_field_types():
 @pytest.mark.slow
 def test_default_synthetic_run_beats_the_trivial_baselines(tmp_path):
     final = tscam.main(common.parse_args(tscam.Args, ["--out-dir", str(tmp_path)]))
-    baselines = data.synthetic_baselines()
-    assert final["test/GT-known Loc"] >= 70.0
-    assert final["test/MaxBoxAccV2"] >= max(baselines.values()) + 30.0
+    assert_beats_trivial_baselines(final)
