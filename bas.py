@@ -11,7 +11,7 @@ Shapes  B batch, P = h*w patch tokens, N = 1 + P tokens, D width, H heads, C cla
 BAS in one line: a generator predicts a foreground map M; erasing M from the features and running the rest of the
 network (weights shared, gradients blocked) gives the background activation S_bg, whose ratio to the full activation
 S is minimised together with M's area, so M must cover the whole object and nothing else.
-What is ours (the ViT adaptation, spec PART C) and what follows the code (README "deviations" repeats these):
+Ours (the ViT adaptation, spec PART C) and what follows the code (README "deviations": those that change numbers):
 1. NOTE(ours) the split (D1/D2): f1 = patch embed + the first L - K blocks, f2 = the last K blocks + final LN + head,
    K = 3 (BAS erases before the last stage; SAT gates the last 3 blocks). The generator reads f1's patch tokens.
 2. NOTE(ours) the generator (D3) is LN_g + Conv3x3(D -> C) + sigmoid, one map per class, trained on the GT channel;
@@ -46,7 +46,7 @@ What is ours (the ViT adaptation, spec PART C) and what follows the code (README
 11. NOTE(ours) the synthetic preset is tscam.py's (64 px, patch 8, width 128, depth 4, from scratch, AdamW 1e-3 with
    warmup and cosine, grad clip 1) with K = 1 of the 4 blocks (the 3-of-12 proportion), CUB's alpha/beta, k = 1
    (the GT class's map: on one checkpoint, test GT-known 52 % against 40 % for CUB's all-class mean), no test crop
-   (the same test images as tscam.py) and 5 epochs (a step costs ~1.23x TS-CAM's) to fit 5 CPU minutes.
+   (the same test images as tscam.py) and 5 epochs (a step costs ~1.2-1.3x TS-CAM's) to fit 5 CPU minutes.
 """
 
 from __future__ import annotations
@@ -538,15 +538,13 @@ def main(args: Args) -> dict[str, float]:
     common.apply_preset(args, PRESETS)
     common.seed_everything(args.seed, args.deterministic)
     device = common.pick_device(args.device)
+    try:
+        splits = data.get_splits(args.data, args.img_size, args.data_root, args.metadata_root, args.test_crop)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
     run_dir = common.make_run_dir(args.out_dir, args.data, "bas", args.seed, args.run_name)
     common.write_json(run_dir / "args.json", dataclasses.asdict(args))
     print(f"run {run_dir} | device {device} | data {args.data}", flush=True)
-
-    try:
-        splits = {s: data.get_dataset(args.data, s, args.img_size, args.data_root, args.metadata_root,
-                                      test_crop=args.test_crop and s != "train") for s in ("train", "val", "test")}
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
     model = BAS(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr, eps=1e-8)
     start_epoch = common.restore(args, model, optimizer, load_deit_weights)  # the generator and head keep their init
@@ -568,7 +566,7 @@ def main(args: Args) -> dict[str, float]:
                                 "rng": common.rng_state(), "args": dataclasses.asdict(args)}, run_dir / "last.pt")
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
-    val = evaluate(model, splits["val"], args, device)
+    val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
     test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run_dir / "overlays")
     print(f"maps: {describe_map(args, splits['train'].num_classes)}", common.format_report(val, "val"),
           common.format_report(test, "test"), sep="\n", flush=True)

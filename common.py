@@ -657,8 +657,8 @@ def format_report(metrics: dict, split: str) -> str:
 def parse_args(args_cls: type, argv: list[str] | None = None):
     """Turn a method file's `Args` dataclass into a CLI: one `--flag-name` per field, help text from metadata["help"].
 
-    bool fields become `--flag/--no-flag`, Literal fields get `choices`, `X | None` fields accept the word `none`,
-    tuple fields take several values. Returns an `args_cls` instance.
+    bool fields become `--flag/--no-flag`, Literal fields get `choices`, `X | None` fields (but strings) accept the
+    word `none` for None (= the dataset preset), tuple fields take several values. Returns an `args_cls` instance.
     """
     hints = typing.get_type_hints(args_cls)
     parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
@@ -682,9 +682,13 @@ def parse_args(args_cls: type, argv: list[str] | None = None):
             opts["type"] = typing.get_args(kind)[0]
         else:
             opts["type"] = kind
-        if optional and "type" in opts:  # `--lr none` restores "use the dataset preset"
+        # `--lr none` restores "use the dataset preset"; where "none" is itself a value (`--pretrained none`, a
+        # Literal listing it) the word is kept
+        if optional and "type" in opts and kind is not str and "none" not in opts.get("choices", ()):
             base = opts["type"]
             opts["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
+            if "choices" in opts:
+                opts["choices"].append(None)
         parser.add_argument("--" + f.name.replace("_", "-"), **opts)
     values = vars(parser.parse_args(argv))
     return args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -841,12 +845,14 @@ def _jet(values: np.ndarray) -> np.ndarray:
 
 
 def save_overlay(image: np.ndarray, scoremap: np.ndarray, gt_boxes, pred_boxes, path: str | Path,
-                 alpha: float = 0.5, scale: int = 1) -> None:
+                 alpha: float = 0.5, scale: int | None = None) -> None:
     """Write image | heat map overlay side by side, GT boxes in green and predicted boxes in red, as a PNG.
 
     image (H, W, 3) uint8; scoremap (H, W) in [0, 1] on the same frame; boxes (K, 4) inclusive x0, y0, x1, y1.
+    scale: pixel repeat factor; by default small images (the 64 px synthetic set) are enlarged to about 256 px.
     """
     h, w = scoremap.shape
+    scale = scale or max(1, 256 // max(h, w))
     heat = (alpha * _jet(scoremap) + (1 - alpha) * image).astype(np.uint8)
     canvas = Image.fromarray(np.concatenate([image, heat], axis=1))
     if scale != 1:

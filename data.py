@@ -60,6 +60,10 @@ class DataError(ValueError):
     """Missing or malformed data; the message says which file (and line) and what was expected."""
 
 
+class MissingSplit(DataError):
+    """A split's whole metadata folder is absent (e.g. CUB-200-2011 downloaded without wsolevaluation's CUBV2)."""
+
+
 def read_table(path: Path, types: tuple[type, ...], sep: str | None = None) -> list[tuple]:
     """Rows of a metadata file, each field converted by `types`; a malformed line raises DataError naming file:line."""
     if not path.is_file():
@@ -170,7 +174,7 @@ def metadata_dir(root: Path, metadata_root: str | None, key: str, split: str, re
             return d
     if not required:
         return None
-    raise DataError(f"no {key} {split} metadata: expected {base / key / split}/image_ids.txt (+ class_labels.txt, "
+    raise MissingSplit(f"no {key} {split} metadata: expected {base / key / split}/image_ids.txt (+ class_labels.txt, "
                     f"image_sizes.txt, localization.txt); wsolevaluation's files: {WSOLEVAL_METADATA}/{key} "
                     "(point to them with --metadata-root)")
 
@@ -364,6 +368,21 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int = 0,
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
                       collate_fn=collate, generator=g)
+
+
+def get_splits(name: str, img_size: int, root: str | None = None, metadata_root: str | None = None,
+               test_crop: bool = False) -> dict[str, WSOLDataset | None]:
+    """A training script's train / val / test. If the val split's metadata is absent, "val" is None with a warning:
+    the scripts then sweep CAM thresholds on test itself, as the official repos do, and their reports say so."""
+    splits = {s: get_dataset(name, s, img_size, root, metadata_root, test_crop and s != "train")
+              for s in ("train", "test")}
+    try:
+        splits["val"] = get_dataset(name, "val", img_size, root, metadata_root, test_crop)
+    except MissingSplit as e:
+        print(f"warning: {e}\nwarning: no val split, so CAM thresholds will be chosen on the test split itself "
+              "(reported as such; wsolevaluation chooses them on val)", flush=True)
+        splits["val"] = None
+    return splits
 
 
 def get_dataset(name: str, split: str, img_size: int, root: str | None = None, metadata_root: str | None = None,

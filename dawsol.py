@@ -8,7 +8,7 @@ Run     python dawsol.py                      # synthetic set, tiny ViT from scr
 Shapes  B batch, P = h*w patch tokens, N = 1 + P tokens, D width, C classes, n = n_s = n_t source / target samples
         per valid image, c valid images in a batch, N_u universum samples in a batch
 
-What the code does where the paper is silent or says otherwise (README "deviations" repeats these):
+What the code does where the paper is silent or says otherwise (README "deviations": those that change numbers):
 1. NOTE(code) the class anchor M_y is a cumulative mean (no momentum, never reset) of cluster 1's centre (seeded by z:
    T^f), not of T^t as the paper says; a class's first anchor is z itself, no noise.
 2. NOTE(code) 3-way k-means as the official sklearn k_means call: seeds [M_u, z, M_y], Lloyd, stop on unchanged labels
@@ -548,15 +548,13 @@ def main(args: Args) -> dict[str, float]:
     common.apply_preset(args, PRESETS)
     common.seed_everything(args.seed, args.deterministic)
     device = common.pick_device(args.device)
+    try:
+        splits = data.get_splits(args.data, args.img_size, args.data_root, args.metadata_root)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
     run_dir = common.make_run_dir(args.out_dir, args.data, "dawsol", args.seed, args.run_name)
     common.write_json(run_dir / "args.json", dataclasses.asdict(args))
     print(f"run {run_dir} | device {device} | data {args.data}", flush=True)
-
-    try:
-        splits = {s: data.get_dataset(args.data, s, args.img_size, args.data_root, args.metadata_root)
-                  for s in ("train", "val", "test")}
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
     model = DAWSOL(args, splits["train"].num_classes).to(device)
     if 2 * args.n_samples - 1 > math.prod(model.vit.grid):  # spec §5.5: no image could ever be valid
         warnings.warn(f"--n-samples {args.n_samples} needs {2 * args.n_samples - 1} of the {math.prod(model.vit.grid)}"
@@ -583,7 +581,7 @@ def main(args: Args) -> dict[str, float]:
                                 "rng": common.rng_state(), "args": dataclasses.asdict(args)}, run_dir / "last.pt")
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
-    val = evaluate(model, splits["val"], args, device)
+    val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
     test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run_dir / "overlays")
     print(common.format_report(val, "val"), common.format_report(test, "test"), sep="\n", flush=True)
     final = {"epoch": epochs, **{f"val/{k}": v for k, v in val.items()}, **{f"test/{k}": v for k, v in test.items()}}

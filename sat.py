@@ -9,7 +9,7 @@ Run     python sat.py                        # synthetic set, tiny ViT from scra
 Shapes  B batch, P = h*w patch tokens, N = P + 2 tokens (cls, patches, spatial), D width, H heads, C classes,
         k gated blocks
 
-What the code does where the paper is silent or says otherwise (README "deviations" repeats these):
+What the code does where the paper is silent or says otherwise (README "deviations": those that change numbers):
 1. NOTE(code) the spatial token and its own position embedding are appended after the patches; the foreground map of
    a block is the sigmoid of the spatial token's PRE-softmax scaled logits averaged over heads, and it multiplies the
    softmax weights' key columns (cls and spatial keys included) with no renormalisation, in the last k = 3 blocks only.
@@ -498,15 +498,13 @@ def main(args: Args) -> dict[str, float]:
     common.apply_preset(args, PRESETS)
     common.seed_everything(args.seed, args.deterministic)
     device = common.pick_device(args.device)
+    try:
+        splits = data.get_splits(args.data, args.img_size, args.data_root, args.metadata_root, args.test_crop)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
     run_dir = common.make_run_dir(args.out_dir, args.data, "sat", args.seed, args.run_name)
     common.write_json(run_dir / "args.json", dataclasses.asdict(args))
     print(f"run {run_dir} | device {device} | data {args.data}", flush=True)
-
-    try:
-        splits = {s: data.get_dataset(args.data, s, args.img_size, args.data_root, args.metadata_root,
-                                      test_crop=args.test_crop and s != "train") for s in ("train", "val", "test")}
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
     model = SAT(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.decay_tokens), lr=args.lr, eps=1e-8)
     start_epoch = common.restore(args, model, optimizer, load_deit_weights)  # spatial token and head keep their init
@@ -528,7 +526,7 @@ def main(args: Args) -> dict[str, float]:
                                 "rng": common.rng_state(), "args": dataclasses.asdict(args)}, run_dir / "last.pt")
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
-    val = evaluate(model, splits["val"], args, device)
+    val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
     test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run_dir / "overlays")
     print(common.format_report(val, "val"), common.format_report(test, "test"), sep="\n", flush=True)
     final = {"epoch": epochs, **{f"val/{k}": v for k, v in val.items()}, **{f"test/{k}": v for k, v in test.items()}}

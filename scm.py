@@ -9,7 +9,7 @@ Shapes  B batch, P = h*w patch tokens, N = 1 + P tokens, D width, H heads, C cla
 Eqs     "Eq. (k)" numbers TS-CAM's equations (the base this file shares with tscam.py). We could not check the SCM
         paper's own equation numbers, so the SCM pieces cite the spec instead ("§3.2 step k").
 
-What the code does where the paper is silent or says otherwise (README "deviations" repeats these):
+What the code does where the paper is silent or says otherwise (README "deviations": those that change numbers):
 1. NOTE(code) the optimizer is TS-CAM's: AdamW, weight decay 0.05, no decay on 1-D params / biases / pos_embed /
    cls_token (timm 0.3.2 create_optimizer), so the 8 SCM scalars get no decay; the config's SGD fields are unused.
 2. NOTE(code) the LR is multiplied by 0.1 at the start of every epoch divisible by a step value: CUB's steps [30]
@@ -42,7 +42,7 @@ What the code does where the paper is silent or says otherwise (README "deviatio
    tanhshrink(u) = u - tanh(u) of the small values here loses most digits (d off by up to 0.5 after min-max).
 11. NOTE(ours) the synthetic preset (64 px, patch 8, width 128, depth 4, from scratch, AdamW 1e-3 with warmup and
    cosine, grad clip 1) is tscam.py's (../shared/specs/synthetic_demo.md records why) but for 5 epochs instead of
-   6: at this size an SCM step costs about 1.2-1.6x a TS-CAM step (explicit attention plus the calibration layers;
+   6: at this size an SCM step costs about 1.2-1.7x a TS-CAM step (explicit attention plus the calibration layers;
    benchmarks/bench_model.py), so 5 epochs take about TS-CAM's 6-epoch time and the run stays within 5 CPU minutes.
 """
 
@@ -507,15 +507,13 @@ def main(args: Args) -> dict[str, float]:
     common.apply_preset(args, PRESETS)
     common.seed_everything(args.seed, args.deterministic)
     device = common.pick_device(args.device)
+    try:
+        splits = data.get_splits(args.data, args.img_size, args.data_root, args.metadata_root)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
     run_dir = common.make_run_dir(args.out_dir, args.data, "scm", args.seed, args.run_name)
     common.write_json(run_dir / "args.json", dataclasses.asdict(args))
     print(f"run {run_dir} | device {device} | data {args.data}", flush=True)
-
-    try:
-        splits = {s: data.get_dataset(args.data, s, args.img_size, args.data_root, args.metadata_root)
-                  for s in ("train", "val", "test")}
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
     model = SCM(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
     start_epoch = common.restore(args, model, optimizer, load_deit_weights)
@@ -537,7 +535,7 @@ def main(args: Args) -> dict[str, float]:
                                 "rng": common.rng_state(), "args": dataclasses.asdict(args)}, run_dir / "last.pt")
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
-    val = evaluate(model, splits["val"], args, device)
+    val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
     test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run_dir / "overlays")
     print(common.format_report(val, "val"), common.format_report(test, "test"), sep="\n", flush=True)
     final = {"epoch": epochs, **{f"val/{k}": v for k, v in val.items()}, **{f"test/{k}": v for k, v in test.items()}}

@@ -4,9 +4,6 @@ top-k test map, the LayerNorm claim behind the attention gate, resume and eval-o
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +11,17 @@ import torch.nn.functional as F
 
 import bas
 import common
-from conftest import TINY_ARGS, assert_beats_trivial_baselines, tiny_args
+from conftest import (
+    assert_beats_trivial_baselines,
+    assert_cli_outputs,
+    assert_eval_only_matches,
+    assert_resume_reproduces,
+    read_rows,
+    run_cli,
+    tiny_args,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN_KEYS = ("cls", "frg", "bas", "area", "bg_above_fg", "S", "S_bg", "acc")
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_model(tmp_path, root, *extra: str, num_classes: int = 10, **overrides) -> tuple[bas.BAS, bas.Args]:
@@ -35,24 +35,17 @@ def gt(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def test_cli_end_to_end(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, "bas.py", *TINY_ARGS, "--data-root", str(tiny_synthetic), "--out-dir", str(tmp_path),
-           "--run-name", "cli"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("bas.py", tiny_synthetic, tmp_path, "--run-name", "cli")
     run = tmp_path / "cli"
     rows = read_rows(run)
     assert rows[0]["epoch"] == 1
     for key in TRAIN_KEYS:
         assert math.isfinite(rows[0][f"train/{key}"]), key
     assert 0.0 < rows[0]["train/area"] < 1.0 and 0.0 <= rows[0]["train/bas"] <= 1.0  # each ratio entry is in [0, 1]
-    final = rows[-1]
-    for key in ("test/MaxBoxAccV2", "test/GT-known Loc", "test/Top-1 Loc", "val/MaxBoxAccV2"):
-        assert 0.0 <= final[key] <= 100.0, key
+    assert_cli_outputs(run, rows[-1])
     args = json.loads((run / "args.json").read_text())
     assert args["embed_dim"] == 32 and args["num_bg_blocks"] == 1 and args["topk_test"] == 1
     assert args["test_crop"] is False
-    assert (run / "last.pt").is_file() and (run / "metrics.json").is_file()
-    assert len(list((run / "overlays").glob("*.png"))) == 2
     assert "img/s" in result.stdout and "wsolevaluation" in result.stdout
     assert "GT class's generator map" in result.stdout  # the report says which map its numbers use
     assert " bas " in result.stdout and "train/area" in result.stdout  # the adaptation's diagnostics per epoch
@@ -264,21 +257,11 @@ def test_presets_follow_the_spec():
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_synthetic, tmp_path):
     flags = ("--schedule", "constant", "--lr", "1e-3")  # constant LR: a 1-epoch run is the 2-epoch run cut short
-    straight = bas.main(tiny_args(bas, tiny_synthetic, tmp_path, *flags, "--epochs", "2", "--run-name", "straight"))
-    bas.main(tiny_args(bas, tiny_synthetic, tmp_path, *flags, "--epochs", "1", "--run-name", "first"))
-    resumed = bas.main(tiny_args(bas, tiny_synthetic, tmp_path, *flags, "--epochs", "2", "--run-name", "resumed",
-                                 "--resume", str(tmp_path / "first" / "last.pt")))
-    assert resumed == straight
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_reproduces(bas, tiny_synthetic, tmp_path, *flags)
 
 
 def test_eval_only_matches_the_training_run(tiny_synthetic, tmp_path):
-    trained = bas.main(tiny_args(bas, tiny_synthetic, tmp_path, "--run-name", "train"))
-    again = bas.main(tiny_args(bas, tiny_synthetic, tmp_path, "--run-name", "eval", "--eval-only",
-                               "--checkpoint", str(tmp_path / "train" / "last.pt")))
-    assert {k: v for k, v in again.items() if k != "epoch"} == {k: v for k, v in trained.items() if k != "epoch"}
+    assert_eval_only_matches(bas, tiny_synthetic, tmp_path)
 
 
 @pytest.mark.slow

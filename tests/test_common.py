@@ -451,3 +451,34 @@ def test_gt_boxes_rescale_like_wsolevaluation():
     """§2.1 official check: box (1, 2, 4, 3) of a 10 (w) x 20 (h) image in a 35 x 10 frame is (3, 1, 14, 1)."""
     data = pytest.importorskip("data")
     assert data.rescale_boxes(np.array([[1, 2, 4, 3]]), (10, 20), (35, 10)).tolist() == [[3, 1, 14, 1]]
+
+
+def test_save_overlay_draws_both_panels_and_boxes_where_they_are(tmp_path):
+    from PIL import Image
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    scoremap = np.zeros((64, 64))
+    path = tmp_path / "o.png"
+    common.save_overlay(image, scoremap, np.array([[10, 20, 29, 39]]), np.array([[0, 0, 63, 63]]), path)
+    out = np.asarray(Image.open(path))
+    assert out.shape == (256, 512, 3)  # image | heat map, each 64 px shown 4x
+    s = 4
+    for dx in (0, 64):  # GT box (inclusive 10..29, 20..39) drawn green on both panels, on its outer pixels
+        assert (out[20 * s, (10 + dx) * s] == (0, 255, 0)).all()  # top-left corner
+        assert (out[40 * s - 1, (30 + dx) * s - 1] == (0, 255, 0)).all()  # bottom-right corner
+        assert (out[0, dx * s + 100] == (255, 0, 0)).all()  # the whole-image prediction in red along the top row
+    assert not (out[30 * s, 20 * s] == (0, 255, 0)).all()  # the box is an outline, not filled
+    assert (out[30 * s, 20 * s] == 0).all()  # the left panel is the image itself (black)
+    common.save_overlay(image, scoremap, np.zeros((0, 4)), np.zeros((0, 4)), path, scale=1)
+    assert np.asarray(Image.open(path)).shape == (64, 128, 3)
+
+
+def test_parse_args_keeps_none_where_it_is_a_value():
+    import dawsol
+    import tscam
+
+    args = common.parse_args(tscam.Args, ["--pretrained", "none", "--lr", "none", "--data", "cub"])
+    common.apply_preset(args, tscam.PRESETS)
+    assert args.pretrained == "none" and args.lr == 5e-5  # from scratch on CUB; the word none = CUB's preset lr
+    args = common.parse_args(dawsol.Args, ["--neck", "none", "--optimizer", "none"])
+    assert args.neck == "none" and args.optimizer is None  # "none" is a neck; an optimizer falls back to the preset

@@ -2,6 +2,7 @@
 mask rules (spec metrics_data.md §2.1, §4), transforms, loaders, the synthetic generator and its cache, errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
+import tscam
+from conftest import TINY_ARGS
 
 SMALL = {"n_train": 20, "n_val": 10, "n_test": 10, "size": 32}  # a synthetic set that builds in a fraction of a second
 
@@ -383,3 +387,24 @@ def test_unreadable_image_names_the_file(cub: Path):
     ds = data.get_dataset("cub", "test", 32, root=str(cub))
     with pytest.raises(data.DataError, match="a.jpg"):
         ds[0]
+
+
+def test_cub_without_its_val_split_chooses_thresholds_on_test_and_says_so(tiny_synthetic, tmp_path, capsys):
+    root = tmp_path / "cub"  # the synthetic set is in CUB's layout; without CUBV2 and its metadata it is raw CUB
+    shutil.copytree(tiny_synthetic, root)
+    shutil.rmtree(root / "metadata")
+    shutil.rmtree(root / "CUBV2")
+    with pytest.raises(data.MissingSplit, match="no CUB val metadata"):
+        data.get_dataset("cub", "val", 32, str(root))
+    splits = data.get_splits("cub", 32, str(root))
+    assert splits["val"] is None and len(splits["train"]) == 64 and len(splits["test"]) == 16
+    argv = [*TINY_ARGS, "--data", "cub", "--data-root", str(root), "--out-dir", str(tmp_path / "runs")]
+    final = tscam.main(common.parse_args(tscam.Args, argv))
+    out = capsys.readouterr().out
+    assert "no val split, so CAM thresholds will be chosen on the test split itself" in out
+    assert "swept with Δ=0.01 on test itself" in out and "[val]" not in out
+    assert 0.0 <= final["test/MaxBoxAccV2"] <= 100.0
+    assert not any(k.startswith("val/") or k.endswith("@val-τ") for k in final)
+    (root / "train_test_split.txt").write_text("1 x\n")  # a malformed file is still an error, not a fallback
+    with pytest.raises(data.DataError, match="train_test_split.txt:1"):
+        data.get_splits("cub", 32, str(root))

@@ -3,42 +3,36 @@ the k-means (with sklearn's empty-cluster relocation), the TSA memory, the NaN g
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import dawsol
-from conftest import TINY_ARGS, assert_beats_trivial_baselines, tiny_args
+from conftest import (
+    assert_beats_trivial_baselines,
+    assert_cli_outputs,
+    assert_resume_reproduces,
+    read_rows,
+    run_cli,
+    tiny_args,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 # 32 px / patch 8 = 16 positions: n = 3 needs 5 of them; L_u on (the synthetic preset switches it off)
 DAL_NOW = ("--dal-start-epoch", "0", "--n-samples", "3", "--lambda-universum", "0.2")
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_cli_end_to_end(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, "dawsol.py", *TINY_ARGS, "--data-root", str(tiny_synthetic), "--out-dir", str(tmp_path),
-           "--run-name", "cli", "--epochs", "2", "--dal-start-epoch", "1", "--n-samples", "3"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("dawsol.py", tiny_synthetic, tmp_path, "--run-name", "cli", "--epochs", "2",
+                     "--dal-start-epoch", "1", "--n-samples", "3")
     run = tmp_path / "cli"
     first, second, final = read_rows(run)
     assert "train/dal_mmd" not in first and math.isfinite(first["train/cls"])  # plain CAM before the switch-on
     for key in ("train/cls", "train/dal_mmd", "train/universum", "train/tsa_valid_frac"):
         assert math.isfinite(second[key]), key
     assert second["train/dal_skipped"] in range(5) and second["train/universum_skipped"] in range(5)  # 4 batches
-    for key in ("test/MaxBoxAccV2", "test/GT-known Loc", "test/Top-1 Loc", "val/MaxBoxAccV2"):
-        assert 0.0 <= final[key] <= 100.0, key
+    assert_cli_outputs(run, final)
     assert json.loads((run / "args.json").read_text())["embed_dim"] == 32
-    assert (run / "last.pt").is_file() and (run / "metrics.json").is_file()
-    assert len(list((run / "overlays").glob("*.png"))) == 2
     memory = torch.load(run / "last.pt", weights_only=False)["model"]
     assert memory["tsa.universum_count"] == 4 * 16  # one epoch of DAL: 4 batches of 16 images
     assert "img/s" in result.stdout and "wsolevaluation" in result.stdout
@@ -227,14 +221,8 @@ def test_optimizer_groups_and_official_schedule():
 
 def test_resume_continues_weights_and_memory(tiny_synthetic, tmp_path):
     flags = ("--schedule", "step", "--lr-steps", "2", *DAL_NOW)
-    straight = dawsol.main(tiny_args(dawsol, tiny_synthetic, tmp_path, *flags, "--epochs", "2", "--run-name", "a"))
-    dawsol.main(tiny_args(dawsol, tiny_synthetic, tmp_path, *flags, "--epochs", "1", "--run-name", "b"))
-    resumed = dawsol.main(tiny_args(dawsol, tiny_synthetic, tmp_path, *flags, "--epochs", "2", "--run-name", "c",
-                                    "--resume", str(tmp_path / "b" / "last.pt")))
-    assert resumed == straight
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    c = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], c[k]) for k in a) and a["tsa.universum_count"] == 2 * 4 * 16
+    straight = assert_resume_reproduces(dawsol, tiny_synthetic, tmp_path, *flags)  # the TSA memory is in the state
+    assert straight["tsa.universum_count"] == 2 * 4 * 16
 
 
 def test_small_grid_warns(tiny_synthetic, tmp_path):

@@ -3,23 +3,23 @@ hand-computed values, the Gaussian kernel, the official-behaviour flags, resume 
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import sat
-from conftest import TINY_ARGS, assert_beats_trivial_baselines, tiny_args
+from conftest import (
+    assert_beats_trivial_baselines,
+    assert_cli_outputs,
+    assert_eval_only_matches,
+    assert_resume_reproduces,
+    read_rows,
+    run_cli,
+    tiny_args,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC_KERNEL = {"corner": 0.002628, "edge": 0.046012, "centre": 0.805440}  # spec A1.3, from the official get_kernel
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def sigmoid(z: float) -> float:
@@ -38,10 +38,7 @@ def identity_attention(cls, dim: int, heads: int):
 
 
 def test_cli_end_to_end(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, "sat.py", *TINY_ARGS, "--data-root", str(tiny_synthetic), "--out-dir", str(tmp_path),
-           "--run-name", "cli"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("sat.py", tiny_synthetic, tmp_path, "--run-name", "cli")
     run = tmp_path / "cli"
     rows = read_rows(run)
     assert rows[0]["epoch"] == 1
@@ -49,14 +46,10 @@ def test_cli_end_to_end(tiny_synthetic, tmp_path):
         assert math.isfinite(rows[0][key]), key
     assert 0.0 < rows[0]["train/area"] < 1.0
     final = rows[-1]
-    for key in ("test/MaxBoxAccV2", "test/GT-known Loc", "test/Top-1 Loc", "val/MaxBoxAccV2",
-                "test/sat-repo/GT-known Loc", "test/sat-repo/Top-1 Loc"):  # the official protocol, labelled
-        assert 0.0 <= final[key] <= 100.0, key
+    assert_cli_outputs(run, final, "test/sat-repo/GT-known Loc", "test/sat-repo/Top-1 Loc")  # official protocol
     args = json.loads((run / "args.json").read_text())
     assert args["embed_dim"] == 32 and args["test_crop"] is False
     assert args["area_threshold"] == sat.PRESETS["synthetic"]["area_threshold"]
-    assert (run / "last.pt").is_file() and (run / "metrics.json").is_file()
-    assert len(list((run / "overlays").glob("*.png"))) == 2
     assert final["test/sat-repo/threshold"] == sat.PRESETS["synthetic"]["repo_threshold"]
     assert "img/s" in result.stdout and "wsolevaluation" in result.stdout and "SAT repo protocol" in result.stdout
 
@@ -269,18 +262,11 @@ def test_map_losses_ramp_in_on_the_synthetic_preset_only():
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_synthetic, tmp_path):
     flags = ("--schedule", "constant", "--lr", "1e-3")  # a constant LR does not depend on the total epochs
-    straight = sat.main(tiny_args(sat, tiny_synthetic, tmp_path, *flags, "--epochs", "2", "--run-name", "straight"))
-    sat.main(tiny_args(sat, tiny_synthetic, tmp_path, *flags, "--epochs", "1", "--run-name", "first"))
-    resumed = sat.main(tiny_args(sat, tiny_synthetic, tmp_path, *flags, "--epochs", "2", "--run-name", "resumed",
-                                 "--resume", str(tmp_path / "first" / "last.pt")))
-    assert resumed == straight
+    assert_resume_reproduces(sat, tiny_synthetic, tmp_path, *flags)
 
 
 def test_eval_only_matches_the_training_run(tiny_synthetic, tmp_path):
-    trained = sat.main(tiny_args(sat, tiny_synthetic, tmp_path, "--run-name", "train"))
-    again = sat.main(tiny_args(sat, tiny_synthetic, tmp_path, "--run-name", "eval", "--eval-only",
-                               "--checkpoint", str(tmp_path / "train" / "last.pt")))
-    assert {k: v for k, v in again.items() if k != "epoch"} == {k: v for k, v in trained.items() if k != "epoch"}
+    assert_eval_only_matches(sat, tiny_synthetic, tmp_path)
 
 
 @pytest.mark.slow

@@ -3,41 +3,33 @@ against hand-computed cases, the flat-map guard, and SCM's absence from the eval
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import scm
-from conftest import TINY_ARGS, assert_beats_trivial_baselines, tiny_args
+from conftest import (
+    assert_beats_trivial_baselines,
+    assert_cli_outputs,
+    assert_eval_only_matches,
+    read_rows,
+    run_cli,
+    tiny_args,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 0.002
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_cli_end_to_end(tiny_synthetic, tmp_path):
-    cmd = [sys.executable, "scm.py", *TINY_ARGS, "--data-root", str(tiny_synthetic), "--out-dir", str(tmp_path),
-           "--run-name", "cli"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("scm.py", tiny_synthetic, tmp_path, "--run-name", "cli")
     run = tmp_path / "cli"
     rows = read_rows(run)
     assert rows[0]["epoch"] == 1 and math.isfinite(rows[0]["train/cls"])
     assert all(math.isfinite(rows[0][f"scm/{s}{i}"]) for s in ("lambda", "theta") for i in range(4))
-    final = rows[-1]
-    for key in ("test/MaxBoxAccV2", "test/GT-known Loc", "test/Top-1 Loc", "val/MaxBoxAccV2"):
-        assert math.isfinite(final[key]) and 0.0 <= final[key] <= 100.0, key
+    assert_cli_outputs(run, rows[-1])
     args = json.loads((run / "args.json").read_text())
     assert args["embed_dim"] == 32 and args["scm_iterations"] == [16, 4, 4, 4] and args["map"] == "scm"
-    assert (run / "last.pt").is_file() and (run / "metrics.json").is_file()
-    assert len(list((run / "overlays").glob("*.png"))) == 2
     assert "wsolevaluation" in result.stdout  # every printed number names its protocol
 
 
@@ -291,12 +283,9 @@ def test_presets_follow_the_scm_recipe():
 
 
 def test_eval_only_matches_the_training_run(tiny_synthetic, tmp_path):
-    trained = scm.main(tiny_args(scm, tiny_synthetic, tmp_path, "--run-name", "train"))
-    state = torch.load(tmp_path / "train" / "last.pt", weights_only=False)["model"]
+    checkpoint = assert_eval_only_matches(scm, tiny_synthetic, tmp_path)
+    state = torch.load(checkpoint, weights_only=False)["model"]
     assert "calibration.layers.0.lam" in state and state["calibration.layers.0.lam"].item() != 1.0  # it learned
-    again = scm.main(tiny_args(scm, tiny_synthetic, tmp_path, "--run-name", "eval", "--eval-only",
-                               "--checkpoint", str(tmp_path / "train" / "last.pt")))
-    assert {k: v for k, v in again.items() if k != "epoch"} == {k: v for k, v in trained.items() if k != "epoch"}
 
 
 @pytest.mark.slow
