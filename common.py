@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -467,7 +468,7 @@ REPO_PROTOCOLS = {
     "tscam": "TS-CAM repo protocol (GT-class map, bilinear + min-max, fixed τ, largest contour, box (x, y, x+w, y+h); "
              "Top-1/Top-5 need IoU > 0.5, GT-known IoU >= 0.5)",
     "scm": "SCM repo protocol (bilinear + min-max, largest contour, τ swept with Δ=0.01 ON THIS SPLIT per metric; "
-           "GT-known from the predicted top-1 class's map; IoU >= 0.5)",
+           "GT-known from the predicted top-1 class's map, top-5 from any top-5 class's map; IoU >= 0.3 / 0.5 / 0.7)",
     "sat": "SAT repo protocol (low-res min-max +1e-5, bilinear, fixed τ on the float map, largest 8-connected "
            "component by pixel count, box (minc, minr, maxc+1, maxr+1); IoU >= 0.5)",
     "bas": "BAS-Extension repo protocol (as SAT's: low-res min-max +1e-5, bilinear, fixed τ, largest component by "
@@ -530,8 +531,10 @@ class RepoProtocolEvaluator:
         self.protocol, self.threshold, self.image_size = protocol, threshold, image_size
         self.counts = dict.fromkeys(("Top-1 Loc", "Top-5 Loc", "GT-known Loc", "Cls@1", "Cls@5"), 0)
         self.num_images = 0
-        if protocol == "scm":  # wsolevaluation's code as SCM copied it: single contour, Δ 0.01, IoU 50 only
-            self.sweep_gt_class, self.sweep_top1_class = (BoxEvaluator(0.01, (50,), False) for _ in range(2))
+        if protocol == "scm":  # test_cam.count (tscam_scm §3.5): images hit per (kind, IoU) x (top-1, top-5) x tau
+            self.sweep_thresholds = threshold_grid(0.01)  # (T,) = np.arange(0, 1, 0.01)
+            self.sweep = {(kind, d): np.zeros((2, len(self.sweep_thresholds)), np.int64)
+                          for kind in ("det", "loc") for d in SCM_IOUS}
 
     def accumulate(self, lowres_maps, logits, labels, gt_boxes: list) -> None:
         maps = torch.as_tensor(_numpy(lowres_maps), dtype=torch.float64)  # (B, C or 1, h, w)
@@ -545,9 +548,7 @@ class RepoProtocolEvaluator:
         rows = torch.arange(len(labels))
         gt_map = maps[rows, labels] if maps.shape[1] > 1 else maps[:, 0]  # (B, h, w)
         if self.protocol == "scm":
-            top1_map = maps[rows, top5[:, 0]] if maps.shape[1] > 1 else maps[:, 0]
-            self.sweep_gt_class.accumulate(normalize_scoremap(_bilinear(gt_map, self.image_size)), gt, cls1, cls5)
-            self.sweep_top1_class.accumulate(normalize_scoremap(_bilinear(top1_map, self.image_size)), gt)
+            self._accumulate_scm(maps, top5, labels, gt)
             return
         if self.protocol == "tscam":
             boxes = _largest_contour_boxes(normalize_scoremap(_bilinear(gt_map, self.image_size)), self.threshold)
@@ -563,22 +564,51 @@ class RepoProtocolEvaluator:
         self.counts["Top-5 Loc"] += int((box_ok & cls5).sum())
         self.counts["GT-known Loc"] += int((iou >= 0.5).sum())
 
+    def _accumulate_scm(self, maps: torch.Tensor, top5: torch.Tensor, labels: torch.Tensor, gt: list) -> None:
+        """SCM's count(): the maps of the top-k predicted classes (B, k, h, w), their single-contour boxes at every
+        tau; det = IoU >= d, loc = det and that rank's class is the GT; top-5 = any rank (tscam_scm §3.5 step 3)."""
+        B, k = top5.shape
+        ranked = maps[torch.arange(B)[:, None], top5] if maps.shape[1] > 1 else maps[:, :1].expand(B, k, -1, -1)
+        u = normalize_scoremap(_bilinear(ranked.flatten(0, 1), self.image_size))  # (B * k, S, S)
+        boxes = BoxEvaluator(0.01, (50,), multi_contour_eval=False)  # wsolevaluation's code, as SCM copied it
+        boxes.accumulate(u, [g for g in gt for _ in range(k)])
+        best = boxes.best_ious.reshape(B, k, -1)  # (B, k, T) best IoU over GT boxes of each rank's box
+        right_class = (top5 == labels[:, None]).numpy()[:, :, None]  # (B, k, 1)
+        for d in SCM_IOUS:
+            for kind, hit in (("det", best >= d / 100), ("loc", (best >= d / 100) & right_class)):
+                self.sweep[kind, d] += np.stack([hit[:, 0].sum(0), hit.any(1).sum(0)])  # (2, T): top-1, top-5
+
     def compute(self) -> dict[str, float]:
         p, n = f"{self.protocol}-repo", self.num_images
         out = {f"{p}/{k}": 100 * v / n for k, v in self.counts.items()}
         if self.protocol != "scm":
             return out | {f"{p}/threshold": self.threshold}
-        gt_class, top1_class = self.sweep_gt_class.compute(), self.sweep_top1_class.compute()
-        for k, result in (("Top-1 Loc", gt_class), ("Top-5 Loc", gt_class), ("GT-known Loc", top1_class)):
-            out[f"{p}/{k}"], out[f"{p}/threshold {k}"] = result[k], result["thresholds"][k]
+        for (kind, d), counts in self.sweep.items():  # test_cam.evaluate: each number maximised over tau on its own
+            for row, k in enumerate((1, 5)):
+                acc = 100 * counts[row] / n  # (T,)
+                out[f"{p}/{scm_key(kind, d, k)}"] = float(acc.max())
+                out[f"{p}/threshold {scm_key(kind, d, k)}"] = float(self.sweep_thresholds[acc.argmax()])
         return out
+
+
+SCM_IOUS = (30, 50, 70)  # SCM's iou_threshold_list
+
+
+def scm_key(kind: str, iou: int, k: int) -> str:
+    """Our name of an SCM number: det (official maxbox_acc_thr_{d}_top-{k}; at d = 50 its GT-Known_top-{k}) or loc
+    (official loc_acc_thr_{d}_top-{k}; at d = 50 the README's Top-1 / Top-5 Loc)."""
+    if kind == "det":
+        return ("GT-known Loc" if k == 1 else "GT-known Loc top-5") if iou == 50 else f"MaxBoxAcc@{iou} top-{k}"
+    return f"Top-{k} Loc" + ("" if iou == 50 else f"@{iou}")
 
 
 class LocalizationMeter:
     """Everything a method file's evaluation loop needs, one update per batch; each key names its protocol.
 
     update(gt_class_maps (B, h, w) raw low-res maps of the GT class, maps (as RepoProtocolEvaluator takes them),
-    logits (B, C), labels (B,), gt_boxes (B arrays (K_i, 4)) or None, masks (B, S, S) 0/1/255 or None):
+    logits (B, C), labels (B,), gt_boxes (B arrays (K_i, 4)) or None, masks (B, S, S) 0/1/255 or None, repo_boxes
+    (B arrays (K_i, 4)) or None: the repo protocol's GT boxes by that repo's own rule (data.repo_boxes_tscam for
+    TS-CAM / SCM), which only the repo protocol sees; None: it uses gt_boxes):
     wsolevaluation's protocol on resize_scoremap(gt_class_maps): MaxBoxAccV2, MaxBoxAcc@30/50/70, GT-known Loc,
     DA-WSOL's Top-1 / Top-5 Loc, Cls@1 / Cls@5, PxAP / pIoU; and "<repo>-repo/..." from the repo's own protocol.
     compute(at) -> those numbers, "thresholds" (chosen on this split), and with `at` (another split's "thresholds")
@@ -596,7 +626,8 @@ class LocalizationMeter:
         self._examples: list[tuple[int, np.ndarray]] = []
         self._example_threshold: float | None = None
 
-    def update(self, gt_class_maps, maps, logits, labels, gt_boxes: list | None, masks=None) -> None:
+    def update(self, gt_class_maps, maps, logits, labels, gt_boxes: list | None, masks=None,
+               repo_boxes: list | None = None) -> None:
         scoremaps = resize_scoremap(gt_class_maps, self.image_size).reshape(-1, self.image_size, self.image_size)
         labels = torch.as_tensor(_numpy(labels)).long()
         top5 = torch.as_tensor(_numpy(logits)).topk(min(5, _numpy(logits).shape[1]), 1).indices  # (B, 5)
@@ -605,7 +636,7 @@ class LocalizationMeter:
         if gt_boxes is not None:
             self.boxes.accumulate(scoremaps, gt_boxes, cls1, cls5)
             if self.repo is not None:
-                self.repo.accumulate(maps, logits, labels, gt_boxes)
+                self.repo.accumulate(maps, logits, labels, gt_boxes if repo_boxes is None else repo_boxes)
         if masks is not None and self.masks is not None:
             self.masks.accumulate(scoremaps, masks)
         for i in range(min(len(scoremaps), self.num_examples - len(self._examples))):
@@ -634,35 +665,71 @@ class LocalizationMeter:
                 for i, s in self._examples]
 
 
-def format_report(metrics: dict, split: str) -> str:
-    """A few human lines; each says which protocol its numbers follow."""
+def format_report(metrics: dict, split: str, maps: str = "GT-class map") -> str:
+    """A few human lines; each says which protocol (and which map: `maps`) its numbers follow."""
     def join(keys, strip: str = "") -> str:
         return " | ".join(f"{k.removeprefix(strip)} {metrics[k]:.2f}" for k in keys if k in metrics)
 
     delta = metrics.get("cam_curve_interval")
-    lines = [(f"wsolevaluation (GT-class map, multi-contour boxes, τ swept with Δ={delta} on {split} itself; Top-1/"
+    lines = [(f"wsolevaluation at the τ chosen on val ({maps})", join([k for k in metrics if k.endswith("@val-τ")])),
+             (f"wsolevaluation ({maps}, multi-contour boxes, τ swept with Δ={delta} on {split} itself; Top-1/"
               "Top-5 Loc as DA-WSOL: that box test and the class right)",
               join(["MaxBoxAccV2", "MaxBoxAcc@30", "MaxBoxAcc@50", "MaxBoxAcc@70", "GT-known Loc", "Top-1 Loc",
                     "Top-5 Loc", "Cls@1", "Cls@5"])),
-             ("wsolevaluation at the τ chosen on val", join([k for k in metrics if k.endswith("@val-τ")])),
              (f"wsolevaluation pixel metrics (Δ={delta})", join(["PxAP", "pIoU"]))]
     for name, description in REPO_PROTOCOLS.items():
         lines.append((description, join([k for k in metrics if k.startswith(f"{name}-repo/")], f"{name}-repo/")))
     return "\n".join(f"[{split}] {head}: {body}" for head, body in lines if body)
 
 
+def map_label(kind: str, class_agnostic: bool) -> str:
+    """How the reports name the map every localization number was scored on."""
+    return f"{'class-agnostic' if class_agnostic else 'GT-class'} {kind} map"
+
+
+def headline(val: dict, test: dict, maps: str = "GT-class map") -> str:
+    """One short line of the numbers a paper's table reports: wsolevaluation on test, τ chosen on val (or, with no
+    val split, on test itself, and then it says so)."""
+    suffix, where = ("@val-τ", "τ from val") if val else ("", "τ chosen ON TEST (no val split)")
+    keys = {"GT-known": f"GT-known Loc{suffix}", "MaxBoxAccV2": "BoxAccV2@val-τ" if val else "MaxBoxAccV2",
+            "Top-1 Loc": f"Top-1 Loc{suffix}", "PxAP": "PxAP", "Cls@1": "Cls@1"}
+    shown = " | ".join(f"{name} {test[k]:.1f}" for name, k in keys.items() if isinstance(test.get(k), float))
+    return f"result [test, wsolevaluation, {where}, {maps}]: {shown}"
+
+
 # %% 3. Utilities: arguments, seeding, device, files, progress, pictures
+
+
+class _Choices(list):
+    """The choices of an `X | None` Literal flag: listed in --help without None, but accepting what `none` parses to."""
+
+    def __contains__(self, item) -> bool:
+        return item is None or list.__contains__(self, item)
+
+
+def _none_or(base):
+    """argparse type for `X | None` fields: the word `none` gives None; errors name the base type (`invalid float`)."""
+    def convert(s: str):
+        return None if s.lower() == "none" else base(s)
+    convert.__name__ = base.__name__
+    return convert
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) or "()" if isinstance(value, tuple) else str(value)
 
 
 def parse_args(args_cls: type, argv: list[str] | None = None):
     """Turn a method file's `Args` dataclass into a CLI: one `--flag-name` per field, help text from metadata["help"].
 
     bool fields become `--flag/--no-flag`, Literal fields get `choices`, `X | None` fields (but strings) accept the
-    word `none` for None (= the dataset preset), tuple fields take several values. Returns an `args_cls` instance.
+    word `none` for None (= the dataset preset), tuple fields take several values. --help shows each default, or
+    for a preset field what each dataset's preset gives. Returns an `args_cls` instance.
     """
     hints = typing.get_type_hints(args_cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module = sys.modules[args_cls.__module__]
+    presets = getattr(module, "PRESETS", {})
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").split("\n")[0])
     for f in dataclasses.fields(args_cls):
         if not f.init:
             continue
@@ -672,6 +739,11 @@ def parse_args(args_cls: type, argv: list[str] | None = None):
             kind, optional = inner[0], len(inner) < len(typing.get_args(kind))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         opts: dict = {"default": default, "help": f.metadata.get("help", " ")}
+        if default is None and any(f.name in p for p in presets.values()):
+            opts["help"] += " (preset: " + ", ".join(f"{d} {_shown(p[f.name])}" for d, p in presets.items()
+                                                     if f.name in p) + ")"
+        elif default is not None and kind is not bool:
+            opts["help"] += f" (default: {_shown(default)})"
         if kind is bool:
             opts["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is typing.Literal:
@@ -685,10 +757,9 @@ def parse_args(args_cls: type, argv: list[str] | None = None):
         # `--lr none` restores "use the dataset preset"; where "none" is itself a value (`--pretrained none`, a
         # Literal listing it) the word is kept
         if optional and "type" in opts and kind is not str and "none" not in opts.get("choices", ()):
-            base = opts["type"]
-            opts["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
+            opts["type"] = _none_or(opts["type"])
             if "choices" in opts:
-                opts["choices"].append(None)
+                opts["choices"] = _Choices(opts["choices"])
         parser.add_argument("--" + f.name.replace("_", "-"), **opts)
     values = vars(parser.parse_args(argv))
     return args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -699,6 +770,46 @@ def apply_preset(args, presets: dict[str, dict]) -> None:
     for name, value in presets[args.data].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Every numeric and structural constraint of the shared flags, checked before any data loads: a SystemExit
+    naming the flag and the allowed range. Method files check their own knobs after calling this."""
+    problems = []
+    for f in dataclasses.fields(args):  # NaN and infinity are never a meaningful setting
+        v = getattr(args, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{_flag(f.name)} {v}: must be a finite number")
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{_flag(name)} {_shown(getattr(args, name))}: must be {allowed}")
+
+    g = lambda name: getattr(args, name, None)  # noqa: E731
+    for name in ("batch_size", "log_every", "depth", "heads", "embed_dim", "patch_size", "img_size"):
+        need(g(name) is None or g(name) >= 1, name, "an integer >= 1")
+    for name in ("epochs", "num_workers", "num_overlays", "warmup_steps"):
+        need(g(name) is None or g(name) >= 0, name, "an integer >= 0")
+    need(g("lr") is None or g("lr") > 0, "lr", "> 0")
+    for name in ("weight_decay", "grad_clip"):
+        need(g(name) is None or g(name) >= 0, name, ">= 0")
+    need(0 <= g("drop_path") < 1, "drop_path", "in [0, 1)")
+    need(0 < g("cam_curve_interval") <= 0.1, "cam_curve_interval", "in (0, 0.1] (wsolevaluation uses 0.001-0.01)")
+    need(g("repo_threshold") is None or 0 <= g("repo_threshold") <= 1, "repo_threshold", "in [0, 1]")
+    need(all(s >= 1 for s in g("lr_steps") or ()), "lr_steps", "epochs >= 1")
+    if g("embed_dim") and g("heads") and g("embed_dim") % g("heads"):
+        problems.append(f"--embed-dim {args.embed_dim} is not divisible by --heads {args.heads}")
+    if g("img_size") and g("patch_size") and (args.img_size < args.patch_size or args.img_size % args.patch_size):
+        problems.append(f"--img-size {args.img_size} must be a multiple of --patch-size {args.patch_size} (the patch "
+                        "grid must tile the image exactly, or maps and boxes are misaligned)")
+    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:") and args.device[5:].isdigit()):
+        problems.append(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    if problems:
+        raise SystemExit("error: " + "\nerror: ".join(problems))
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -719,10 +830,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 on CPU (bf16 does not speed up small models on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto"):
+    """--precision: bf16 autocast, or full fp32 (what every official repo trains and evaluates in). auto = bf16 on
+    CUDA, fp32 on CPU (bf16 does not speed up small models on most CPUs); bf16 is honoured on CPU too, for tests."""
+    if precision == "bf16" or precision == "auto" and device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -742,19 +854,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file, and
+    the previous version stays intact. The file gets the umask's mode (mkstemp alone would make it 0600). A write
+    fault (disk full, read-only folder) is one line naming the path and the OS error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports OS errors as RuntimeError from its C++ writer
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SystemExit(f"error: cannot write {path}: {reason}; the previous version of the file, if any, is "
+                         "unchanged") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -768,48 +897,278 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise SystemExit(f"error: {path} is not a nanoWSOL checkpoint (a dict with the model's state under 'model')")
+    return state
 
 
-def restore(args, model: torch.nn.Module, optimizer: torch.optim.Optimizer, load_pretrained) -> int:
-    """A run's starting state -> the first epoch to train. --resume: last.pt's weights, optimizer and RNG, exactly;
-    --eval-only: the --checkpoint weights; else `load_pretrained(model.vit, args.pretrained)` unless it is 'none'."""
-    if args.resume:
-        state = load_checkpoint(args.resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        print(f"resumed {args.resume} at epoch {state['epoch']}", flush=True)
-        return state["epoch"]
-    if args.eval_only:
-        if not args.checkpoint:
-            raise SystemExit("error: --eval-only needs --checkpoint PATH")
-        model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
-    elif args.pretrained != "none":
-        load_pretrained(model.vit, args.pretrained)
-    return 0
+def _finite(obj):
+    """NaN and infinity -> None, so every JSON file is valid JSON (json.dumps would write a bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json(obj, **kw) -> str:
+    return json.dumps(_finite(obj), default=str, allow_nan=False, **kw)
 
 
 def write_json(path: str | Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+    _atomic_write(path, lambda f: f.write((_json(obj, indent=2) + "\n").encode()))
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one JSON line with a single write call, so a reader never sees half a row."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=float) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(_json(row) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path}: {e.strerror}") from None
 
 
 def make_run_dir(out_dir: str, data: str, method: str, seed: int, name: str | None = None) -> Path:
-    """runs/<data>__<method>__<seed>__<time>/ (STYLE.md §3.9), or runs/<name>/ when a name is given."""
-    run = Path(out_dir) / (name or f"{data}__{method}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    run.mkdir(parents=True, exist_ok=True)
-    return run
+    """runs/<data>__<method>__<seed>__<time>/ (STYLE.md §3.9), or runs/<name>/ when a name is given. Creating it is
+    exclusive: two runs never share a folder. A default name that is taken gets a suffix (-2, -3, ...); a given
+    name that is taken is an error."""
+    base = Path(out_dir) / (name or f"{data}__{method}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create --out-dir {base.parent}: {e.strerror}") from None
+    for k in range(1, 1000):
+        run = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            if name:
+                raise SystemExit(f"error: run folder {run} exists; choose another --run-name, or continue that run "
+                                 f"with --resume {run / 'last.pt'}") from None
+        except OSError as e:
+            raise SystemExit(f"error: cannot create run folder {run}: {e.strerror}") from None
+    raise SystemExit(f"error: could not find a free run folder name next to {base}")
+
+
+# Flags that may differ from the saved run on --resume without changing its numbers (or, for --epochs, on purpose:
+# raising it extends the run; with the cosine schedule the LR curve then differs from a run started that long).
+RESUME_MAY_CHANGE = ("resume", "device", "num_workers", "log_every", "num_overlays", "epochs", "out_dir", "run_name",
+                     "cache")
+ARCH_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "heads")
+
+
+def _describe(method: str, arch: dict) -> str:
+    return (f"a {method} model (ViT {arch.get('img_size')} px / patch {arch.get('patch_size')}, width "
+            f"{arch.get('embed_dim')}, depth {arch.get('depth')}, {arch.get('heads')} heads, "
+            f"{arch.get('num_classes')} classes)")
+
+
+def _check_fits(path, state: dict, method: str, arch: dict) -> None:
+    """A checkpoint of another method or size is an error that says which one it is and which was asked for."""
+    theirs = {"method": state.get("method"), **state.get("arch", {})}
+    if theirs["method"] is None:
+        return  # written before checkpoints recorded this; load_state_dict's check below still guards
+    if theirs["method"] != method or any(theirs.get(k) != v for k, v in arch.items()):
+        raise SystemExit(f"error: {path} holds {_describe(theirs['method'], theirs)}, but this run asks for "
+                         f"{_describe(method, arch)}")
+
+
+def _load_model(path, model: torch.nn.Module, weights: dict) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        raise SystemExit(f"error: {path} does not fit this model: " + "; ".join(lines[:4])) from None
+
+
+def resume_args(args, method: str) -> dict | None:
+    """--resume: the saved run's arguments become this run's (the checkpoint records them); a flag given explicitly
+    with another value is an error listing every difference, except RESUME_MAY_CHANGE. Returns the checkpoint."""
+    if not args.resume:
+        return None
+    state = load_checkpoint(args.resume)
+    if state.get("method", method) != method:
+        raise SystemExit(f"error: --resume {args.resume} is a {state['method']} checkpoint; run "
+                         f"{state['method']}.py --resume {args.resume}")
+    saved = state.get("args")
+    if not isinstance(saved, dict):
+        raise SystemExit(f"error: --resume {args.resume} records no run arguments, so it cannot be continued")
+    defaults = type(args)()
+    def same(a, b) -> bool:  # tuples come back from JSON / pickle as lists
+        return (list(a) if isinstance(a, tuple | list) else a) == (list(b) if isinstance(b, tuple | list) else b)
+
+    differ = [f"{_flag(f.name)}: saved {_shown(saved[f.name])}, given {_shown(getattr(args, f.name))}"
+              for f in dataclasses.fields(args) if f.name in saved and f.name not in RESUME_MAY_CHANGE
+              and not same(getattr(args, f.name), getattr(defaults, f.name))
+              and not same(getattr(args, f.name), saved[f.name])]
+    if differ:
+        raise SystemExit(f"error: --resume {args.resume} continues a run with other settings; drop these flags (or "
+                         "start a new run):\n  " + "\n  ".join(differ))
+    for f in dataclasses.fields(args):
+        if f.name in saved and not (f.name in RESUME_MAY_CHANGE and not same(getattr(args, f.name),
+                                                                             getattr(defaults, f.name))):
+            value = saved[f.name]
+            setattr(args, f.name, tuple(value) if isinstance(value, list) else value)
+    return state
+
+
+def steps_per_epoch(num_images: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps of one epoch, by the method's official loader rule (drop_last or keep the partial batch)."""
+    return num_images // batch_size if drop_last else -(-num_images // batch_size)
+
+
+class Run:
+    """The bookkeeping every method's main() shares, so that each file shows only what its method adds:
+
+        run = common.Run(args, "tscam", PRESETS)     # --resume's saved args, presets, checks, seed; nothing written
+        ...                                          # data (data.load_splits), model, optimizer
+        run.start(model, optimizer, load_deit_weights, len(splits["train"]))   # weights; the run folder appears
+        for epoch in run.epochs():                   # train, then run.end_epoch(epoch, stats)
+        return run.finish(val, test)                 # report, metrics.json
+
+    The run folder is created only once data, model and weights have loaded, exclusively; --resume continues in the
+    checkpoint's own folder unless --out-dir / --run-name are given, dropping rows of epochs after the checkpoint.
+    """
+
+    current: Run | None = None  # the run in progress, for common.cli's Ctrl-C message
+
+    def __init__(self, args, method: str, presets: dict[str, dict]):
+        self.args, self.method = args, method
+        default = type(args)()  # --resume without --out-dir / --run-name continues in the checkpoint's folder
+        self.own_folder = bool(args.resume) and args.out_dir == default.out_dir and args.run_name is None
+        self.resumed = resume_args(args, method)
+        apply_preset(args, presets)
+        check_args(args)
+        seed_everything(args.seed, args.deterministic)
+        self.device = pick_device(args.device)
+        if args.eval_only and not args.checkpoint:
+            raise SystemExit("error: --eval-only needs --checkpoint PATH")
+        self.dir: Path | None = None
+        self.start_epoch, self.epoch_done, self.progress = 0, 0, None
+
+    def start(self, model: torch.nn.Module, optimizer, load_pretrained, num_train: int) -> None:
+        args = self.args
+        self.model, self.optimizer = model, optimizer
+        self.arch = {k: getattr(args, k) for k in ARCH_FIELDS} | {"num_classes": self._num_classes(model)}
+        if self.resumed is not None:
+            _check_fits(args.resume, self.resumed, self.method, self.arch)
+            _load_model(args.resume, model, self.resumed["model"])
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            set_rng_state(self.resumed["rng"])
+            self.start_epoch = self.epoch_done = self.resumed["epoch"]
+        elif args.eval_only:
+            state = load_checkpoint(args.checkpoint)
+            _check_fits(args.checkpoint, state, self.method, self.arch)
+            _load_model(args.checkpoint, model, state["model"])
+            self.epoch_done = state.get("epoch", 0)
+        elif args.pretrained != "none":
+            load_pretrained(model.vit, args.pretrained)
+        self.steps = steps_per_epoch(num_train, args.batch_size, args.drop_last)
+        self.total_epochs = 0 if args.eval_only else args.epochs
+        if self.total_epochs > self.start_epoch and self.steps == 0:
+            raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {num_train} training images")
+        if self.own_folder:  # continue in the checkpoint's folder, without the rows of epochs it does not hold
+            self.dir = Path(args.resume).resolve().parent
+            rows = [r for r in _read_rows(self.dir / "metrics.jsonl")
+                    if not any(k.startswith("test/") for k in r) and r.get("epoch", 0) <= self.start_epoch]
+            text = "".join(_json(r) + "\n" for r in rows)
+            _atomic_write(self.dir / "metrics.jsonl", lambda f: f.write(text.encode()))
+        else:
+            self.dir = make_run_dir(args.out_dir, args.data, self.method, args.seed, args.run_name)
+        write_json(self.dir / "args.json", dataclasses.asdict(args))
+        Run.current = self
+        verb = f"resumed {args.resume} at epoch {self.start_epoch}" if self.resumed is not None else "run"
+        print(f"{verb} | folder {self.dir} | device {self.device} ({precision_name(self.device, args.precision)}) | "
+              f"data {args.data} | {self.steps} steps/epoch", flush=True)
+        self.progress = Progress(self.total_epochs * self.steps, args.log_every, self.start_epoch * self.steps)
+
+    @staticmethod
+    def _num_classes(model) -> int | None:
+        head = getattr(model, "head", None)
+        return getattr(head, "out_channels", getattr(head, "out_features", None))
+
+    def epochs(self):
+        for epoch in range(self.start_epoch, self.total_epochs):
+            self.t0 = time.perf_counter()
+            yield epoch
+
+    def end_epoch(self, epoch: int, stats: dict, extra: dict | None = None) -> None:
+        """One printed line and one metrics.jsonl row (train/<stat>, plus `extra` keys as they are), then last.pt
+        (atomically: a crash keeps the previous one)."""
+        row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - self.t0}
+        row |= {f"train/{k}": v for k, v in stats.items()} | (extra or {})
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "epoch": epoch + 1, "rng": rng_state(), "args": dataclasses.asdict(self.args),
+                         "method": self.method, "arch": self.arch}, self.dir / "last.pt")
+        append_jsonl(self.dir / "metrics.jsonl", row)  # after the checkpoint: a row always has its epoch saved
+        self.epoch_done = epoch + 1
+
+    def finish(self, val: dict, test: dict, maps: str) -> dict:
+        final = {"epoch": self.epoch_done, **{f"val/{k}": v for k, v in val.items()},
+                 **{f"test/{k}": v for k, v in test.items()}}
+        append_jsonl(self.dir / "metrics.jsonl", final)
+        write_json(self.dir / "metrics.json", final)
+        print(headline(val, test, maps), format_report(val, "val", maps), format_report(test, "test", maps),
+              sep="\n", flush=True)
+        written = [str(self.dir / n) for n in ("metrics.json", "last.pt", "overlays") if (self.dir / n).exists()]
+        print("wrote " + ", ".join(written), flush=True)
+        Run.current = None
+        return final
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def precision_name(device: torch.device, precision: str) -> str:
+    return "bf16 autocast" if precision == "bf16" or precision == "auto" and device.type == "cuda" else "fp32"
+
+
+def check_finite(loss: torch.Tensor, parts: dict, epoch: int, step: int, grad_norm=None) -> None:
+    """A non-finite loss or gradient norm stops the run at once: nothing non-finite is saved or reported, and the
+    last good checkpoint (the previous epoch's last.pt) stays as it is."""
+    values = [loss.item()] + ([] if grad_norm is None else [float(grad_norm)])
+    if all(math.isfinite(v) for v in values):
+        return
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in parts.items())
+    where = Run.current.dir / "last.pt" if Run.current is not None and Run.current.epoch_done else None
+    kept = f"; the last good checkpoint is {where}" if where and where.exists() else "; no epoch was completed"
+    norm = "" if grad_norm is None else f", grad norm {float(grad_norm):.4g}"
+    raise SystemExit(f"error: diverged at epoch {epoch + 1} step {step + 1}: loss {values[0]:.4g} ({terms}{norm}); "
+                     f"nothing of this epoch was saved{kept}. Try a lower --lr or --grad-clip")
+
+
+def cli(main, args_cls: type) -> None:
+    """`python <method>.py ...`: parse, run; Ctrl-C exits 130 with one line saying where the last complete epoch is
+    and the exact command that continues it."""
+    script = Path(sys.argv[0]).name
+    try:
+        main(parse_args(args_cls, sys.argv[1:]))
+    except KeyboardInterrupt:
+        run = Run.current
+        if run is not None and run.dir is not None and run.epoch_done and (run.dir / "last.pt").exists():
+            print(f"\ninterrupted: epoch {run.epoch_done} is saved in {run.dir / 'last.pt'}; continue with: python "
+                  f"{script} --resume {run.dir / 'last.pt'}", file=sys.stderr, flush=True)
+        else:
+            print("\ninterrupted before the first epoch was saved; nothing to resume", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 class Progress:
+
     """Prints `tag step/total | key value ... | img/s | ETA` every `every` steps, and once at the end."""
 
     def __init__(self, total_steps: int, every: int = 50, start_step: int = 0):

@@ -114,6 +114,22 @@ def rescale_boxes(boxes: np.ndarray, size: tuple[int, int], new_size: tuple[int,
     return np.trunc(scaled).astype(np.int64)
 
 
+def repo_boxes_tscam(boxes: np.ndarray, size: tuple[int, int], new_size: tuple[int, int],
+                     from_cub_xywh: bool = False) -> np.ndarray:
+    """TS-CAM / SCM's own rule (lib/datasets/cub.py, imagenet.py; tscam_scm §4): divide first, then clip and trunc,
+    x0' = trunc(max(x0 / W * W', 0)), x1' = trunc(min(x1 / W * W', W' - 1)) (same for y). from_cub_xywh: the boxes are
+    parse_cub's (x, y, x + w, y + h) of CUB's raw floats, which the repos first truncate one by one: int(x) + int(w).
+    For wsolevaluation's numbers keep rescale_boxes (multiply first, no clip). (K, 4) int64"""
+    (w, h), (w2, h2) = size, new_size
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if from_cub_xywh:  # recover w, h (rounding undoes the float error of x + w) and truncate all four
+        corner, extent = np.trunc(b[:, :2]), np.trunc(np.round(b[:, 2:] - b[:, :2], 9))
+        b = np.concatenate([corner, corner + extent], axis=1)
+    b = b / np.array([w, h, w, h], np.float64) * np.array([w2, h2, w2, h2], np.float64)
+    b[:, :2], b[:, 2:] = np.maximum(b[:, :2], 0), np.minimum(b[:, 2:], [w2 - 1, h2 - 1])
+    return np.trunc(b).astype(np.int64)
+
+
 def crop_offset(resize: int, crop: int) -> int:
     return int(round((resize - crop) / 2.0))  # the same anchor as torchvision's CenterCrop
 
@@ -305,6 +321,10 @@ class WSOLDataset(Dataset):
             item = {"image": image, "label": rec.label, "index": i}
             if self.split != "train" and self.has_boxes:
                 item["boxes"] = torch.from_numpy(self.map_boxes(rec.boxes, rec.size or size))
+                if not self.test_crop:  # the TS-CAM / SCM repo protocols' boxes; raw CUB x y w h outside val
+                    item["repo_boxes"] = torch.from_numpy(repo_boxes_tscam(
+                        rec.boxes, rec.size or size, (self.img_size, self.img_size),
+                        from_cub_xywh=self.name in ("cub", "synthetic") and self.split == "test"))
             if self.split != "train" and self.has_masks:
                 item["mask"] = torch.from_numpy(self.eval_masks[i] if self.cache is not None else self.mask(i))
             items.append(item)
@@ -354,20 +374,60 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
 
 
 def collate(batch: list[dict]) -> dict:
-    """image (B, 3, S, S), label (B,) int64, index (B,), boxes: list of (K_i, 4) or None, mask (B, S, S) or None."""
+    """image (B, 3, S, S), label (B,) int64, index (B,), boxes and repo_boxes: lists of (K_i, 4) or None, mask
+    (B, S, S) or None."""
     return {"image": torch.stack([b["image"] for b in batch]),
             "label": torch.tensor([b["label"] for b in batch], dtype=torch.int64),
             "index": torch.tensor([b["index"] for b in batch], dtype=torch.int64),
             "boxes": [b["boxes"] for b in batch] if "boxes" in batch[0] else None,
+            "repo_boxes": [b["repo_boxes"] for b in batch] if "repo_boxes" in batch[0] else None,
             "mask": torch.stack([b["mask"] for b in batch]) if "mask" in batch[0] else None}
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
-                epoch: int = 0) -> DataLoader:
-    """Train: shuffled by a generator seeded from (seed, epoch), drop_last. Eval: in order, every image."""
+                epoch: int = 0, drop_last: bool = False) -> DataLoader:
+    """Train: shuffled by a generator seeded from (seed, epoch); the last partial batch is kept unless drop_last
+    (each method's official loader rule: its --drop-last preset). Eval: in order, every image."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and drop_last, num_workers=num_workers,
                       collate_fn=collate, generator=g)
+
+
+def load_splits(args) -> dict[str, WSOLDataset | None]:
+    """A method's train / val / test from its Args (get_splits), every image checked first (check_images); a data
+    problem is one line naming the file, before anything is trained or written."""
+    try:
+        splits = get_splits(args.data, args.img_size, args.data_root, args.metadata_root,
+                            getattr(args, "test_crop", False))
+        check_images(splits)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    return splits
+
+
+def check_images(splits: dict[str, WSOLDataset | None]) -> None:
+    """Before training: every listed training image exists, and every val / test image and mask decodes (JPEGs at
+    1/8 scale through PIL's draft mode, which still reads every byte: a truncated file fails). In-memory sets were
+    decoded when loaded. For ILSVRC's 1.28 M training files only existence is checked (a stat each, seconds);
+    decoding them all would take about an hour on 2 cores."""
+    for split, ds in splits.items():
+        if ds is None or ds.cache is not None:
+            continue
+        if split == "train":
+            if missing := next((r.path for r in ds.records if not Path(r.path).is_file()), None):
+                raise DataError(f"train image {missing} is listed but missing")
+            continue
+        if len(ds) > 2000:
+            print(f"checking that the {len(ds)} {split} images decode (once per run)", flush=True)
+        for rec in ds.records:
+            try:
+                with Image.open(rec.path) as im:
+                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                    im.load()
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{split} image {rec.path} does not decode: {e}") from None
+            for mask in [*rec.masks, *([rec.ignore] if rec.ignore else [])]:
+                load_gray(mask)
 
 
 def get_splits(name: str, img_size: int, root: str | None = None, metadata_root: str | None = None,
@@ -570,13 +630,12 @@ def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_
                     n_test: int = 500, size: int = 64) -> Path:
     """Generate the set into a temporary folder next to root and move it into place only when complete;
     synthetic.json (version, seed, sizes) is written last. An existing set at root is replaced."""
-    root, classes = Path(root), "".join(f"{k + 1} {f}\n" for k, f in enumerate(synthetic_folders()))
-    ours = (root / "synthetic.json").is_file() or (root / "classes.txt").is_file() and (
-        (root / "classes.txt").read_text() == classes)  # the marker, or at least our classes (a half-written set)
-    if root.exists() and any(root.iterdir()) and not ours:
-        raise DataError(f"{root} exists and is not a synthetic set: remove it or choose another --out")
+    root = Path(root)
+    if root.exists() and any(root.iterdir()) and not is_synthetic(root):
+        raise DataError(not_synthetic(root))
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp.chmod(0o777 & ~common._umask())  # mkdtemp makes it 0700; the set follows the umask like any folder
     try:
         config = {"version": SYNTH_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
                   "size": size}
@@ -601,9 +660,36 @@ def ensure_synthetic(root: str | Path, seed: int | None = None, **sizes: int) ->
         recorded = {}
     wanted = {"version": SYNTH_VERSION, **({} if seed is None else {"seed": seed}), **sizes}
     if any(recorded.get(k) != v for k, v in wanted.items()):
+        if root.is_dir() and any(root.iterdir()) and not is_synthetic(root):  # checked before saying "building"
+            raise DataError(not_synthetic(root))
         print(f"building the synthetic set at {root} (once; about 20 s for the default size)")
         build_synthetic(root, SYNTH_SEED if seed is None else seed, **sizes)
     return root
+
+
+def is_synthetic(root: Path) -> bool:
+    """The marker, or at least our classes.txt (a half-written set)."""
+    classes = "".join(f"{k + 1} {f}\n" for k, f in enumerate(synthetic_folders()))
+    return (root / "synthetic.json").is_file() or (root / "classes.txt").is_file() and (
+        (root / "classes.txt").read_text() == classes)
+
+
+def real_layout(root: Path) -> str | None:
+    """Which real dataset's layout a folder that is not a synthetic set holds (a user who forgot --data), or None."""
+    if (root / "images.txt").is_file() and (root / "bounding_boxes.txt").is_file():
+        return "cub"
+    for name, marker in (("ilsvrc", "ILSVRC"), ("openimages", "OpenImages")):
+        if (root / "metadata" / marker).is_dir() or root.name.lower().startswith(marker.lower()):
+            return name
+    return None
+
+
+def not_synthetic(root: Path) -> str:
+    kind = real_layout(root)
+    if kind:
+        return f"{root} holds the {LAYOUTS[kind][0]} layout, not the synthetic set: add --data {kind}"
+    return (f"{root} exists and is not a synthetic set (nothing was changed there): choose another --data-root "
+            "for the synthetic set, or the --data that matches this folder")
 
 
 def synthetic_baselines(root: str | Path | None = None) -> dict[str, float]:

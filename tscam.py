@@ -23,10 +23,7 @@ What the code does where the paper is silent or says otherwise (README "deviatio
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,12 +42,17 @@ class Args:
     # experiment
     data: Literal["synthetic", "cub", "ilsvrc", "openimages"] = field(
         default="synthetic", metadata={"help": "dataset; synthetic is generated on first use under data/synthetic"})
-    data_root: str | None = field(default=None, metadata={"help": "dataset folder (default: data.DEFAULT_ROOTS)"})
+    data_root: str | None = field(default=None, metadata={
+        "help": "dataset folder (default by --data: data/synthetic, data/CUB_200_2011, data/ILSVRC, data/OpenImages)"})
     metadata_root: str | None = field(default=None, metadata={"help": "wsolevaluation metadata folder, if elsewhere"})
     seed: int = field(default=26, metadata={"help": "random seed; NOTE(code) 26 is the official configs' seed"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA with bf16 autocast when present), cpu, cuda:N"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"})
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is what every official repo trains and tests in"})
     deterministic: bool = field(default=False, metadata={"help": "ask torch for deterministic kernels"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers (0 is fastest on a 2-core CPU)"})
+    drop_last: bool | None = field(default=None, metadata={
+        "help": "drop each epoch's last partial batch (NOTE(code): official loaders keep it but SAT's ILSVRC one)"})
     out_dir: str = field(default="runs", metadata={"help": "runs/<data>__tscam__<seed>__<time>/ goes here"})
     run_name: str | None = field(default=None, metadata={"help": "name of the run folder instead of the default"})
     log_every: int = field(default=50, metadata={"help": "print a progress line every this many steps"})
@@ -89,13 +91,13 @@ class Args:
 PRESETS = {  # the values a None field takes for each dataset; the official ones are TS-CAM's (spec §2.3)
     "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=6,
                       batch_size=64, lr=1e-3, schedule="cosine", lr_steps=(), warmup_steps=100, grad_clip=1.0,
-                      repo_threshold=0.1),
+                      repo_threshold=0.1, drop_last=False),
     "cub": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=60,
                 batch_size=128, lr=5e-5, schedule="step", lr_steps=(30,), warmup_steps=0, grad_clip=0.0,
-                repo_threshold=0.1),
+                repo_threshold=0.1, drop_last=False),
     "ilsvrc": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=20,
                    batch_size=256, lr=5e-4, schedule="step", lr_steps=(10, 12), warmup_steps=0, grad_clip=0.0,
-                   repo_threshold=0.12),
+                   repo_threshold=0.12, drop_last=False),
 }
 PRESETS["openimages"] = PRESETS["cub"] | dict(repo_threshold=0.1)  # NOTE(ours): TS-CAM has no OpenImages recipe
 
@@ -244,7 +246,10 @@ def load_deit_weights(vit: VisionTransformer, path: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SystemExit(f"error: --pretrained {path} is not a readable torch checkpoint: {e}") from None
-    state = state.get("model", state)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"error: --pretrained {path} holds a {type(state).__name__}, not a DeiT state dict "
+                         "(name -> tensor, optionally under 'model')")
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
     own = vit.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape[1] != own["pos_embed"].shape[1]:
@@ -343,13 +348,13 @@ def train_one_epoch(model, loader, optimizer, args: Args, epoch: int, device, pr
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step, len(loader))
         images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             out = model(images)
             loss, parts = compute_loss(out, labels, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # inf: no clip
+        common.check_finite(loss, parts, epoch, i, grad_norm)  # a diverged run stops here, before anything is saved
         optimizer.step()
         parts["acc"] = (out["logits"].argmax(1) == labels).float().mean().item() * 100
         for k, v in parts.items():
@@ -367,11 +372,12 @@ def evaluate(model, dataset, args: Args, device, at: dict | None = None, overlay
                                      has_masks=dataset.has_masks)
     for batch in data.make_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers):
         images, labels = batch["image"].to(device), batch["label"]
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             out = model(images, need_maps=True)
         maps = localization_map(model, out, images, args.map).float().cpu()  # (B, C or 1, h, w)
         gt_maps = maps[torch.arange(len(labels)), labels] if maps.shape[1] > 1 else maps[:, 0]  # (B, h, w)
-        meter.update(gt_maps, maps, out["logits"].float().cpu(), labels, batch["boxes"], batch["mask"])
+        meter.update(gt_maps, maps, out["logits"].float().cpu(), labels, batch["boxes"], batch["mask"],
+                     batch["repo_boxes"])  # the TS-CAM / SCM rule's GT boxes, for the repo protocol
     metrics = meter.compute(at=at)
     if overlay_dir is not None:
         for index, scoremap, boxes in meter.examples()[: args.num_overlays]:
@@ -384,45 +390,23 @@ def evaluate(model, dataset, args: Args, device, at: dict | None = None, overlay
 
 # %% 7. Main
 def main(args: Args) -> dict[str, float]:
-    common.apply_preset(args, PRESETS)
-    common.seed_everything(args.seed, args.deterministic)
-    device = common.pick_device(args.device)
-    try:
-        splits = data.get_splits(args.data, args.img_size, args.data_root, args.metadata_root)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    run_dir = common.make_run_dir(args.out_dir, args.data, "tscam", args.seed, args.run_name)
-    common.write_json(run_dir / "args.json", dataclasses.asdict(args))
-    print(f"run {run_dir} | device {device} | data {args.data}", flush=True)
+    run = common.Run(args, "tscam", PRESETS)  # --resume's saved args, presets, flag checks, seed; nothing written yet
+    device = run.device
+    splits = data.load_splits(args)  # every image checked before training
     model = TSCAM(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
-    start_epoch = common.restore(args, model, optimizer, load_deit_weights)
-
-    epochs = 0 if args.eval_only else args.epochs
-    steps_per_epoch = len(splits["train"]) // args.batch_size
-    if epochs > start_epoch and steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(splits['train'])} training images")
-    progress = common.Progress(epochs * steps_per_epoch, args.log_every, start_step=start_epoch * steps_per_epoch)
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch)
-        stats = train_one_epoch(model, loader, optimizer, args, epoch, device, progress)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
-        row |= {f"train/{k}": v for k, v in stats.items()}
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-        common.append_jsonl(run_dir / "metrics.jsonl", row)
-        common.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                "rng": common.rng_state(), "args": dataclasses.asdict(args)}, run_dir / "last.pt")
+    run.start(model, optimizer, load_deit_weights, len(splits["train"]))  # weights; now the run folder appears
+    for epoch in run.epochs():
+        loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,
+                                  args.drop_last)
+        stats = train_one_epoch(model, loader, optimizer, args, epoch, device, run.progress)
+        run.end_epoch(epoch, stats)
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
     val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
-    test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run_dir / "overlays")
-    print(common.format_report(val, "val"), common.format_report(test, "test"), sep="\n", flush=True)
-    final = {"epoch": epochs, **{f"val/{k}": v for k, v in val.items()}, **{f"test/{k}": v for k, v in test.items()}}
-    common.append_jsonl(run_dir / "metrics.jsonl", final)
-    common.write_json(run_dir / "metrics.json", final)
-    return final
+    test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run.dir / "overlays")
+    return run.finish(val, test, maps=common.map_label(args.map, args.map in ("attention", "eigencam")))
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, sys.argv[1:]))
+    common.cli(main, Args)

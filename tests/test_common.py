@@ -420,6 +420,44 @@ def test_scm_gt_known_uses_the_predicted_class_map():
     assert 0 <= res["scm-repo/threshold Top-5 Loc"] < 1
 
 
+def test_scm_protocol_reports_every_iou_and_top5():
+    """SCM's evaluator (tscam_scm §3.5): det and loc at IoU 30 / 50 / 70 for top-1 and top-5, GT-known top-5 from
+    any top-5 class's map."""
+    good = torch.zeros(16, 16, dtype=torch.float64)
+    good[4:10, 4:10] = 1.0  # box (4, 4, 10, 10): 49 px with +1
+    ev = common.RepoProtocolEvaluator("scm", None, 16)
+    far = torch.zeros(16, 16, dtype=torch.float64)
+    far[12:16, 0:3] = 1.0  # box (0, 12, 3, 15): no overlap with the GT
+    maps = torch.stack([good, far])[None]  # the predicted class 1's map points elsewhere
+    gt = np.array([[4, 4, 12, 10]])  # 63 px, contains class 0's box: IoU 49 / 63 = 0.78
+    ev.accumulate(maps, torch.tensor([[0.0, 1.0]]), torch.tensor([0]), [gt])
+    res = {k.removeprefix("scm-repo/"): v for k, v in ev.compute().items()}
+    assert res["MaxBoxAcc@30 top-1"] == res["GT-known Loc"] == res["MaxBoxAcc@70 top-1"] == 0  # rank 1: wrong map
+    assert res["MaxBoxAcc@30 top-5"] == res["GT-known Loc top-5"] == res["MaxBoxAcc@70 top-5"] == 100  # rank 2
+    assert res["Top-5 Loc@30"] == res["Top-5 Loc"] == res["Top-5 Loc@70"] == 100
+    assert res["Top-1 Loc@30"] == res["Top-1 Loc"] == res["Top-1 Loc@70"] == 0 and res["Cls@5"] == 100
+    assert all(0 <= res[f"threshold {k}"] < 1 for k in ("MaxBoxAcc@70 top-5", "Top-5 Loc@30", "GT-known Loc top-5"))
+
+
+@pytest.mark.parametrize("protocol, threshold", [("tscam", 0.1), ("scm", None)])
+def test_repo_boxes_reach_only_the_repo_protocol(protocol, threshold):
+    """LocalizationMeter.update(..., repo_boxes): the repo protocol scores those boxes (its own GT rule), every
+    wsolevaluation number stays what gt_boxes give."""
+    block = torch.zeros(2, 16, 16, dtype=torch.float64)
+    block[:, 2:10, 2:10] = 1.0  # box (2, 2, 10, 10) at every threshold
+    maps, logits, labels = block[:, None].repeat(1, 2, 1, 1), torch.tensor([[1.0, 0.0]] * 2), torch.tensor([0, 0])
+    gt, repo = [torch.tensor([[2, 2, 9, 9]])] * 2, [torch.tensor([[2, 2, 15, 15]])] * 2  # IoU 64 / 81, 81 / 196
+    results = []
+    for repo_boxes in (None, repo):
+        meter = common.LocalizationMeter(16, protocol, threshold, cam_curve_interval=0.01)
+        meter.update(maps[:, 0], maps, logits, labels, gt, repo_boxes=repo_boxes)
+        results.append(meter.compute())
+    plain, with_repo = results
+    wsol = [k for k in plain if "-repo/" not in k]
+    assert wsol and all(plain[k] == with_repo[k] for k in wsol)
+    assert plain["GT-known Loc"] == 100 and plain[f"{protocol}-repo/GT-known Loc"] == 100
+    assert with_repo[f"{protocol}-repo/GT-known Loc"] == 0  # IoU of (2, 2, 10, 10) with (2, 2, 15, 15): 81 / 196
+
 # %% the meter the method files call
 def test_localization_meter_keys_thresholds_and_examples():
     torch.manual_seed(0)

@@ -87,6 +87,40 @@ def test_sat_crop_rule():
     assert data.crop_offset(256, 224) == 16 and data.crop_offset(73, 64) == 4  # torchvision's round-half-even
 
 
+def test_tscam_scm_repo_box_rule():
+    # TS-CAM / SCM (lib/datasets/cub.py, imagenet.py): divide first, clip x1, y1 at S - 1, then trunc. A 112 x 112
+    # image to 224: 61 / 112 * 224 = 121.999.. -> 121 (wsolevaluation: 61 * 224 / 112 = 122), and the right / bottom
+    # edge 112 -> min(224, 223) = 223 (wsolevaluation: 224): 1 px apart on three coordinates
+    box = np.array([[61, 0, 112, 112]])
+    np.testing.assert_array_equal(data.rescale_boxes(box, (112, 112), (224, 224)), [[122, 0, 224, 224]])
+    np.testing.assert_array_equal(data.repo_boxes_tscam(box, (112, 112), (224, 224)), [[121, 0, 223, 223]])
+    # CUB: the raw x y w h are truncated one by one first: 10.7 3.5 20.6 7.6 -> 10 3 20 7 -> (10, 3, 30, 10), x 2
+    raw = np.array([[10.7, 3.5, 10.7 + 20.6, 3.5 + 7.6]])  # parse_cub's (x, y, x + w, y + h)
+    np.testing.assert_array_equal(data.repo_boxes_tscam(raw, (112, 112), (224, 224), from_cub_xywh=True),
+                                  [[20, 6, 60, 20]])
+    np.testing.assert_array_equal(data.repo_boxes_tscam(raw, (112, 112), (224, 224)), [[21, 7, 62, 22]])  # ILSVRC
+    np.testing.assert_array_equal(data.rescale_boxes(raw, (112, 112), (224, 224)), [[21, 7, 62, 22]])
+    # x0, y0 are clipped below at 0, x1, y1 only above (as in the repos); several boxes keep their order
+    two = np.array([[-5, -5, 300, 300], [1, 1, 2, 2]])
+    np.testing.assert_array_equal(data.repo_boxes_tscam(two, (224, 224), (224, 224)), [[0, 0, 223, 223], [1, 1, 2, 2]])
+
+
+def test_items_carry_repo_boxes_by_their_own_rule(cub: Path):
+    # the first test box touches the image's right and bottom edges, and its x, w are fractional
+    lines = (cub / "bounding_boxes.txt").read_text().splitlines()
+    write_lines(cub / "bounding_boxes.txt", ["1 60.7 27.0 439.3 308.0", *lines[1:]])
+    ds = data.get_dataset("cub", "test", 32, root=str(cub))
+    item = ds[0]
+    # wsolevaluation: trunc(60.7 * 32 / 500) = 3, trunc(27 * 32 / 335) = 2, 500 * 32 / 500 = 32, 335 * 32 / 335 = 32
+    assert item["boxes"].tolist() == [[3, 2, 32, 32]]
+    # TS-CAM / SCM: int(60.7) = 60 -> 3, 2; x1 = 60 + int(439.3) = 499 -> 31.9 -> 31; y1 = min(32, 31) = 31
+    assert item["repo_boxes"].tolist() == [[3, 2, 31, 31]] and item["repo_boxes"].dtype == torch.int64
+    batch = data.collate([ds[0], ds[1]])
+    assert [b.tolist() for b in batch["repo_boxes"]] == [[[3, 2, 31, 31]], ds[1]["repo_boxes"].tolist()]
+    assert [b.tolist() for b in batch["boxes"]] == [[[3, 2, 32, 32]], ds[1]["boxes"].tolist()]
+    crop = data.get_dataset("cub", "test", 32, root=str(cub), test_crop=True)  # SAT / BAS geometry: their own rule
+    assert "repo_boxes" not in crop[0] and data.collate([crop[0]])["repo_boxes"] is None
+
 def test_cub_labels_and_box_rule(cub: Path):
     records, names = data.parse_cub(cub, "test", None)
     assert names == ["Black_footed_Albatross", "Laysan_Albatross"]
@@ -249,8 +283,11 @@ def test_train_transform_crops_and_flips(synthetic: Path, cub: Path):
 def test_loaders(synthetic: Path):
     ds = data.get_dataset("synthetic", "train", 32, root=str(synthetic))
     order = [torch.cat([b["index"] for b in data.make_loader(ds, 8, train=True, seed=3, epoch=e)]) for e in (0, 0, 1)]
-    assert len(order[0]) == 16  # 20 images, drop_last
+    assert sorted(order[0].tolist()) == list(range(20))  # 20 images: the last partial batch is kept (official rule)
     assert torch.equal(order[0], order[1]) and not torch.equal(order[0], order[2])
+    dropped = [len(b["label"]) for b in data.make_loader(ds, 8, train=True, seed=3, drop_last=True)]
+    assert dropped == [8, 8]  # SAT's ILSVRC rule
+    assert [common.steps_per_epoch(20, 8, d) for d in (False, True)] == [3, 2]
     test = data.get_dataset("synthetic", "test", 32, root=str(synthetic))
     batches = list(data.make_loader(test, 4, train=False))
     assert [len(b["label"]) for b in batches] == [4, 4, 2]
