@@ -624,6 +624,7 @@ class LocalizationMeter:
         self.repo = RepoProtocolEvaluator(repo_protocol, repo_threshold, image_size) if repo_protocol else None
         self.cls_correct, self.num_images = np.zeros(2, np.int64), 0
         self._examples: list[tuple[int, np.ndarray]] = []
+        self._example_classes: list[tuple[int, int]] = []
         self._example_threshold: float | None = None
 
     def update(self, gt_class_maps, maps, logits, labels, gt_boxes: list | None, masks=None,
@@ -641,6 +642,7 @@ class LocalizationMeter:
             self.masks.accumulate(scoremaps, masks)
         for i in range(min(len(scoremaps), self.num_examples - len(self._examples))):
             self._examples.append((self.num_images + i, scoremaps[i]))
+            self._example_classes.append((int(labels[i]), int(top5[i, 0])))  # (true, predicted), for overlays
         self.num_images += len(scoremaps)
 
     def compute(self, at: dict[str, float] | None = None) -> dict:
@@ -766,8 +768,16 @@ def parse_args(args_cls: type, argv: list[str] | None = None):
 
 
 def apply_preset(args, presets: dict[str, dict]) -> None:
-    """Fill every field left at None from the preset of `args.data` (the table at the top of each method file)."""
-    for name, value in presets[args.data].items():
+    """Fill every field left at None from the preset of `args.data` (the table at the top of each method file).
+    --arch (else the preset's arch) first gives the ViT width, depth and heads not set explicitly, from the method
+    file's DEIT_ARCHS table; the synthetic presets name no arch and keep their own tiny sizes."""
+    preset = presets[args.data]
+    if arch := getattr(args, "arch", None) or preset.get("arch"):
+        sizes = sys.modules[type(args).__module__].DEIT_ARCHS[arch][:3]  # (width D, depth, heads)
+        for name, value in zip(("embed_dim", "depth", "heads"), sizes, strict=True):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -792,8 +802,9 @@ def check_args(args) -> None:
     g = lambda name: getattr(args, name, None)  # noqa: E731
     for name in ("batch_size", "log_every", "depth", "heads", "embed_dim", "patch_size", "img_size"):
         need(g(name) is None or g(name) >= 1, name, "an integer >= 1")
-    for name in ("epochs", "num_workers", "num_overlays", "warmup_steps"):
+    for name in ("epochs", "num_overlays", "warmup_steps"):
         need(g(name) is None or g(name) >= 0, name, "an integer >= 0")
+    need(str(g("num_workers")) == "auto" or str(g("num_workers")).isdigit(), "num_workers", "auto or an integer >= 0")
     need(g("lr") is None or g("lr") > 0, "lr", "> 0")
     for name in ("weight_decay", "grad_clip"):
         need(g(name) is None or g(name) >= 0, name, ">= 0")
@@ -1204,11 +1215,14 @@ def _jet(values: np.ndarray) -> np.ndarray:
 
 
 def save_overlay(image: np.ndarray, scoremap: np.ndarray, gt_boxes, pred_boxes, path: str | Path,
-                 alpha: float = 0.5, scale: int | None = None) -> None:
+                 alpha: float = 0.5, scale: int | None = None, caption: str | None = None,
+                 scored: int | None = None) -> None:
     """Write image | heat map overlay side by side, GT boxes in green and predicted boxes in red, as a PNG.
 
     image (H, W, 3) uint8; scoremap (H, W) in [0, 1] on the same frame; boxes (K, 4) inclusive x0, y0, x1, y1.
     scale: pixel repeat factor; by default small images (the 64 px synthetic set) are enlarged to about 256 px.
+    scored: the index of the predicted box the metric counted, drawn thick red; the other candidates thin orange.
+    caption: text on a strip under the panels.
     """
     h, w = scoremap.shape
     scale = scale or max(1, 256 // max(h, w))
@@ -1217,12 +1231,46 @@ def save_overlay(image: np.ndarray, scoremap: np.ndarray, gt_boxes, pred_boxes, 
     if scale != 1:
         canvas = canvas.resize((2 * w * scale, h * scale), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for boxes, colour in ((gt_boxes, (0, 255, 0)), (pred_boxes, (255, 0, 0))):
-        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.int64).reshape(-1, 4).tolist():
+    pred = np.asarray(pred_boxes, dtype=np.int64).reshape(-1, 4)
+    order = [k for k in range(len(pred)) if k != scored] + ([scored] if scored is not None else [])
+    styles = [(np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4), (0, 255, 0), 1)]
+    styles += [(pred[k:k + 1], (255, 0, 0) if scored in (None, k) else (255, 165, 0), 2 if k == scored else 1)
+               for k in order]
+    for boxes, colour, width in styles:
+        for x0, y0, x1, y1 in boxes.tolist():
             for dx in (0, w):  # the same box on both panels
                 draw.rectangle([(x0 + dx) * scale, y0 * scale, (x1 + dx + 1) * scale - 1, (y1 + 1) * scale - 1],
-                               outline=colour)
+                               outline=colour, width=width)
+    if caption:
+        lines = caption.split("\n")
+        strip = Image.new("RGB", (canvas.width, 12 * len(lines) + 6), (255, 255, 255))
+        text = ImageDraw.Draw(strip)
+        for n, line in enumerate(lines):
+            text.text((4, 3 + 12 * n), line, fill=(0, 0, 0))
+        full = Image.new("RGB", (canvas.width, canvas.height + strip.height))
+        full.paste(canvas, (0, 0))
+        full.paste(strip, (0, canvas.height))
+        canvas = full
     _atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def save_overlays(meter: LocalizationMeter, dataset, overlay_dir: Path, n: int) -> None:
+    """The first n evaluated images of a split as pictures (save_overlay): the map, the GT boxes, every candidate box
+    at the GT-known threshold, the one wsolevaluation scores (best IoU with a GT box) thick red, and a caption with
+    the true and predicted class, τ and that IoU."""
+    for (index, scoremap, boxes), (label, pred) in zip(meter.examples()[:n], meter._example_classes, strict=False):
+        gt = np.asarray(dataset[index].get("boxes", torch.zeros(0, 4)), dtype=np.int64).reshape(-1, 4)
+        ious = box_iou(boxes, gt).max(axis=1) if len(boxes) and len(gt) else np.zeros(len(boxes))
+        scored = int(ious.argmax()) if len(boxes) and len(gt) else None
+        names = getattr(dataset, "class_names", None) or []
+        name = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+        tau = meter._example_threshold
+        caption = (f"true {name(label)} | predicted {name(pred)}" + ("" if pred == label else " (wrong)") + "\n"
+                   + (f"tau {tau:.3f} | " if tau is not None else "")
+                   + (f"IoU of the scored box {ious[scored]:.2f} (thick red; orange: other candidates)"
+                      if scored is not None else "no GT box"))
+        path = overlay_dir / f"{dataset.split}_{index:05d}.png"
+        save_overlay(dataset.display_image(index), scoremap, gt, boxes, path, caption=caption, scored=scored)
 
 
 def eigen_cam(features: torch.Tensor, sign: Literal["maxabs", "none"] = "maxabs") -> torch.Tensor:
@@ -1230,7 +1278,11 @@ def eigen_cam(features: torch.Tensor, sign: Literal["maxabs", "none"] = "maxabs"
     principal direction, ReLU'd. Training-free and class-agnostic. features (B, P, D) -> (B, P).
 
     As pytorch-grad-cam's get_2d_projection: centre over positions, SVD, p = X v1. The SVD's sign is arbitrary, so
-    `maxabs` flips p when |min p| > |max p| (the library's Seg-Eigen-CAM rule); `none` keeps LAPACK's sign.
+    `maxabs` flips p when |min p| > |max p| (the library's Seg-Eigen-CAM rule); `none` keeps torch.linalg.svd's
+    sign, which is not numpy's (LAPACK's, the library's) in about half the cases (48 % of random centred 196 x 384
+    float32 matrices, the ViT-S shape; shape-dependent, ~0 % for tall 196 x 16 ones).
+    Our maps then go through wsolevaluation's bicubic resize and min-max (resize_scoremap), like every map here;
+    pytorch-grad-cam resizes bilinearly (cv2.resize) and min-maxes with eps 1e-7, so its pixel values differ.
     """
     x = features.float()
     x = x - x.mean(dim=1, keepdim=True)  # (B, P, D), centred per channel

@@ -6,6 +6,8 @@ Specs   ../shared/specs/metrics_data.md §2.1 (GT box rescaling), §4 (file form
 Boxes   inclusive (x0, y0, x1, y1) pixels, int64, in the S x S frame the evaluation sees
 Masks   uint8 label maps: 1 foreground, 0 background, 255 ignore (wsolevaluation's MaskEvaluator, spec §4.1)
 Shapes  N images, K GT boxes of one image, S = img_size, R = round(S * 256 / 224) the train / SAT-style resize
+Cache   --cache: each split's decoded, deterministically resized pixels as one memory-mapped uint8 .npy under
+        data/cache/ (pixel_cache); crops, flips and normalisation then run per batch, on the GPU when training there
 Run     python data.py synthetic      # builds data/synthetic (seconds) and prints the trivial baselines
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import functools
+import hashlib
 import json
 import math
 import os
@@ -36,6 +40,9 @@ DEFAULT_ROOTS = {"synthetic": "data/synthetic", "cub": "data/CUB_200_2011", "ils
                  "openimages": "data/OpenImages"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_DIR = Path("data/cache")  # relative to the working directory, like data/ and runs/
+CACHE_VERSION = 1  # part of every cache key: bump when a transform or the layout changes, and caches are rebuilt
+CACHE_BUDGET = 8 * 2**30  # --cache auto: a split's array is cached when <= 8 GiB and <= half the free disk
 WSOLEVAL_METADATA = "https://github.com/clovaai/wsolevaluation/tree/master/metadata"
 # What a missing root should tell the user: name, expected layout, where to download it (spec §4.2-4.5).
 LAYOUTS = {
@@ -278,7 +285,8 @@ class WSOLDataset(Dataset):
     """
 
     def __init__(self, name: str, split: str, records: list[Record], class_names: list[str], img_size: int,
-                 test_crop: bool = False, train_augment: bool = True, mask_threshold: int = 0, in_memory: bool = False):
+                 test_crop: bool = False, train_augment: bool = True, mask_threshold: int = 0, in_memory: bool = False,
+                 cache: str = "off"):
         self.name, self.split, self.records, self.class_names = name, split, records, class_names
         self.num_classes, self.img_size, self.test_crop = len(class_names), img_size, test_crop
         self.mask_threshold = mask_threshold
@@ -290,7 +298,8 @@ class WSOLDataset(Dataset):
         self.eval_steps = [v2.Resize((r, r)), v2.CenterCrop(s)] if test_crop else [v2.Resize((s, s))]
         steps = [v2.Resize((r, r)), v2.RandomCrop(s), v2.RandomHorizontalFlip()] if self.augment else self.eval_steps
         self.transform = v2.Compose([*steps, v2.ToImage()])  # PIL image -> (3, S, S) uint8
-        self.cache = None
+        self.fixed_steps = v2.Compose([*(steps[:1] if self.augment else steps), v2.ToImage()])  # what a cache holds
+        self.cache, self.eval_masks, self.in_memory = None, None, in_memory
         if in_memory:  # synthetic: decode once and apply the deterministic steps once, so data costs ~1 % of a step
             images = [np.asarray(load_rgb(rec.path)) for rec in records]
             self.sizes = [(a.shape[1], a.shape[0]) for a in images]
@@ -298,6 +307,8 @@ class WSOLDataset(Dataset):
             self.cache = v2.Compose(steps[:1] if self.augment else steps)(batch)  # (N, 3, R, R) train, or S
             if split != "train" and self.has_masks:
                 self.eval_masks = [self.mask(i) for i in range(len(records))]  # each (S, S) uint8
+        elif cached := pixel_cache(self, cache):  # real data: the same pixels from data/cache, memory-mapped
+            self.cache, self.sizes = cached
 
     def __len__(self) -> int:
         return len(self.records)
@@ -305,12 +316,13 @@ class WSOLDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        """The items of a batch (DataLoader fetches whole batches through this method). In memory, a batch's crops,
-        flips and normalisation are a few tensor ops: per-sample calls would cost more than the pixels at 64 px."""
+    def __getitems__(self, indices: list[int], finish: bool = True) -> list[dict]:
+        """The items of a batch (DataLoader fetches whole batches through this method). In memory or cached, a
+        batch's crops, flips and normalisation are a few tensor ops (finish_batch): per-sample calls would cost more
+        than the pixels at 64 px. finish=False leaves the cached uint8 pixels for DeviceBatches to finish on a GPU."""
         if self.cache is not None:
             batch = self.cache.index_select(0, torch.tensor(indices))  # (B, 3, R, R) train, (B, 3, S, S) eval
-            images = normalize(random_crops_flips(batch, self.img_size) if self.augment else batch)
+            images = self.finish_batch(batch) if finish else batch
             sizes = [self.sizes[i] for i in indices]
         else:
             pils = [load_rgb(self.records[i].path) for i in indices]
@@ -326,9 +338,14 @@ class WSOLDataset(Dataset):
                         rec.boxes, rec.size or size, (self.img_size, self.img_size),
                         from_cub_xywh=self.name in ("cub", "synthetic") and self.split == "test"))
             if self.split != "train" and self.has_masks:
-                item["mask"] = torch.from_numpy(self.eval_masks[i] if self.cache is not None else self.mask(i))
+                item["mask"] = torch.from_numpy(self.eval_masks[i] if self.eval_masks is not None else self.mask(i))
             items.append(item)
         return items
+
+    def finish_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Cached uint8 pixels (B, 3, R, R) train or (B, 3, S, S) eval -> normalised (B, 3, S, S) float32, on the
+        batch's device: RandomCrop + RandomHorizontalFlip for training, then ToTensor + Normalize."""
+        return normalize(random_crops_flips(batch, self.img_size) if self.augment else batch)
 
     def map_boxes(self, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Original-pixel boxes -> the S x S eval frame, by the rule of the chosen test geometry. (K, 4) int64"""
@@ -349,12 +366,15 @@ class WSOLDataset(Dataset):
 
 def random_crops_flips(batch: torch.Tensor, size: int) -> torch.Tensor:
     """RandomCrop(size) + RandomHorizontalFlip() of each image of a (B, 3, R, R) batch: the distribution of the v2
-    pair applied per image, with the random draws made once per batch. (B, 3, S, S)"""
+    pair applied per image, with the random draws made once per batch (on the CPU generator, whatever the batch's
+    device, so a run draws the same crops on CPU and GPU). (B, 3, S, S)"""
     b, _, h, w = batch.shape
     tops, lefts = torch.randint(0, h - size + 1, (b,)).tolist(), torch.randint(0, w - size + 1, (b,)).tolist()
-    flips = (torch.rand(b) < 0.5).tolist()
-    crops = [image[:, t:t + size, x:x + size] for image, t, x in zip(batch, tops, lefts, strict=True)]
-    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips, strict=True)])
+    flips = [i for i, f in enumerate((torch.rand(b) < 0.5).tolist()) if f]
+    crops = torch.stack([image[:, t:t + size, x:x + size] for image, t, x in zip(batch, tops, lefts, strict=True)])
+    if flips:  # one gather and one scatter for all flipped images (few kernels on a GPU)
+        crops[flips] = crops[flips].flip(-1)
+    return crops
 
 
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -362,9 +382,15 @@ _STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 _SCALE, _SHIFT = 1 / _STD_255, _MEAN_255 / _STD_255
 
 
+@functools.cache
+def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _SCALE.to(device), _SHIFT.to(device)  # copied to a GPU once, not per batch
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """(..., 3, S, S) uint8 -> float32: ToTensor + Normalize(ImageNet mean, std) as one in-place affine map."""
-    return image.float().mul_(_SCALE).sub_(_SHIFT)
+    scale, shift = _affine(image.device)
+    return image.float().mul_(scale).sub_(shift)
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:
@@ -384,13 +410,137 @@ def collate(batch: list[dict]) -> dict:
             "mask": torch.stack([b["mask"] for b in batch]) if "mask" in batch[0] else None}
 
 
-def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
-                epoch: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int | str = 0, seed: int = 0,
+                epoch: int = 0, drop_last: bool = False, device: torch.device | str | None = None):
     """Train: shuffled by a generator seeded from (seed, epoch); the last partial batch is kept unless drop_last
-    (each method's official loader rule: its --drop-last preset). Eval: in order, every image."""
+    (each method's official loader rule: its --drop-last preset). Eval: in order, every image.
+
+    num_workers: a number or "auto" (worker_count). device: where the model runs; on CUDA batches come pinned, and a
+    cached or in-memory set yields uint8 pixels that DeviceBatches crops, flips and normalises on the GPU."""
+    device = torch.device(device or "cpu")
+    workers = worker_count(num_workers, ds)
+    on_device = device.type == "cuda" and getattr(ds, "cache", None) is not None
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and drop_last, num_workers=num_workers,
-                      collate_fn=collate, generator=g)
+    loader = DataLoader(CachedPixels(ds) if on_device else ds, batch_size=batch_size, shuffle=train,
+                        drop_last=train and drop_last, num_workers=workers, collate_fn=collate, generator=g,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return DeviceBatches(loader, ds, device) if on_device else loader
+
+
+def worker_count(num_workers: int | str, ds: Dataset | None = None) -> int:
+    """--num-workers: a number as given; auto = 0 for an in-memory or cached set (a batch is a few tensor ops, which
+    workers would only copy), else min(8, CPUs - 1) decoding processes for one GPU (this process keeps a core)."""
+    if str(num_workers) != "auto":
+        return int(num_workers)
+    if ds is not None and getattr(ds, "cache", None) is not None:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+class CachedPixels(Dataset):
+    """A cached WSOLDataset's items with their uint8 pixels not yet cropped, flipped or normalised (DeviceBatches
+    finishes them on the GPU)."""
+
+    def __init__(self, ds: WSOLDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return self.ds.__getitems__(indices, finish=False)
+
+
+class DeviceBatches:
+    """Iterates a DataLoader of CachedPixels: each uint8 batch goes to `device` (pinned, non-blocking) and is
+    cropped, flipped and normalised there by the dataset's own finish_batch, so the CPU only gathers bytes."""
+
+    def __init__(self, loader: DataLoader, ds: WSOLDataset, device: torch.device):
+        self.loader, self.ds, self.device = loader, ds, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            batch["image"] = self.ds.finish_batch(batch["image"].to(self.device, non_blocking=True))
+            yield batch
+
+
+def pixel_cache(ds: WSOLDataset, mode: str) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
+    """--cache: the deterministic steps of ds's transform (train Resize((R, R)); eval Resize((S, S)), or Resize((R,
+    R)) + CenterCrop(S)) applied once to every image with the same PIL / v2 code as the uncached path, kept in
+    CACHE_DIR as one (N, 3, H, W) uint8 .npy per split and memory-mapped; with the images' original sizes (for their
+    boxes) in a .json beside it. The key covers dataset, split, size, test_crop, the image paths and CACHE_VERSION,
+    so any change builds a new file; edited image files with unchanged paths need the old file deleted.
+    mode: off; on; auto = on when the array is at most CACHE_BUDGET and half the free disk. Returns (pixels, sizes)."""
+    if mode == "off":
+        return None
+    side = ds.resize if ds.augment else ds.img_size
+    key = json.dumps([CACHE_VERSION, ds.name, ds.split, ds.img_size, ds.test_crop, ds.augment,
+                      [str(r.path) for r in ds.records]])
+    path = CACHE_DIR / (f"{ds.name}-{ds.split}-{side}{'-crop' if ds.test_crop and not ds.augment else ''}-"
+                        f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy")
+    meta, nbytes = path.with_suffix(".json"), len(ds) * 3 * side * side
+    if not (path.is_file() and meta.is_file()):
+        free = shutil.disk_usage(next(p for p in (CACHE_DIR, *CACHE_DIR.absolute().parents) if p.exists())).free
+        if mode == "auto" and (nbytes > CACHE_BUDGET or nbytes > free / 2):
+            print(f"cache: not caching the {ds.name} {ds.split} split ({nbytes / 2**30:.1f} GiB; budget "
+                  f"{CACHE_BUDGET / 2**30:.0f} GiB and half of {free / 2**30:.0f} GiB free): reading image files "
+                  "(--cache on forces it)", flush=True)
+            return None
+        build_pixel_cache(ds, path, meta, side)
+    sizes = [tuple(s) for s in json.loads(meta.read_text())["sizes"]]
+    pixels = np.load(path, mmap_mode="c")  # copy-on-write: torch may wrap it, nothing is ever written back
+    if pixels.shape != (len(ds), 3, side, side) or len(sizes) != len(ds):
+        raise DataError(f"{path} holds {pixels.shape}, not ({len(ds)}, 3, {side}, {side}): delete it to rebuild")
+    return torch.from_numpy(pixels), sizes
+
+
+class _FixedSteps(Dataset):
+    def __init__(self, ds: WSOLDataset):
+        self.records, self.steps = ds.records, ds.fixed_steps
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | str, tuple[int, int] | None]:
+        try:
+            pil = load_rgb(self.records[i].path)
+        except DataError as e:  # handed back as a value: a worker's exception would carry its traceback text
+            return str(e), None
+        return self.steps(pil), pil.size
+
+
+def build_pixel_cache(ds: WSOLDataset, path: Path, meta: Path, side: int) -> None:
+    """Decode every image of ds once (worker processes, one per CPU), written into a temporary .npy that is renamed
+    into place only when complete; prints images/s and the ETA."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n, sizes, start, shown = len(ds), [], time.perf_counter(), 0.0
+    try:
+        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, side, side))
+        loader = DataLoader(_FixedSteps(ds), batch_size=32, num_workers=max(1, worker_count("auto") + 1),
+                            collate_fn=list)
+        for batch in loader:
+            if bad := next((image for image, size in batch if size is None), None):
+                raise DataError(bad)
+            pixels[len(sizes):len(sizes) + len(batch)] = torch.stack([image for image, _ in batch]).numpy()
+            sizes += [size for _, size in batch]
+            elapsed = time.perf_counter() - start
+            if elapsed - shown > 5 or len(sizes) == n:
+                shown, rate = elapsed, len(sizes) / max(elapsed, 1e-9)
+                print(f"cache: {ds.name} {ds.split} {len(sizes)}/{n} images | {rate:.0f} img/s | ETA "
+                      f"{common.format_seconds((n - len(sizes)) / rate)} | {path}", flush=True)
+        pixels.flush()
+        del pixels
+        os.replace(tmp, path)
+        common.write_json(meta, {"version": CACHE_VERSION, "sizes": sizes})  # last: the pair is complete
+    except OSError as e:
+        raise DataError(f"cannot write the pixel cache {path}: {e} (use --cache off)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_splits(args) -> dict[str, WSOLDataset | None]:
@@ -398,7 +548,7 @@ def load_splits(args) -> dict[str, WSOLDataset | None]:
     problem is one line naming the file, before anything is trained or written."""
     try:
         splits = get_splits(args.data, args.img_size, args.data_root, args.metadata_root,
-                            getattr(args, "test_crop", False))
+                            getattr(args, "test_crop", False), getattr(args, "cache", "off"))
         check_images(splits)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
@@ -407,11 +557,11 @@ def load_splits(args) -> dict[str, WSOLDataset | None]:
 
 def check_images(splits: dict[str, WSOLDataset | None]) -> None:
     """Before training: every listed training image exists, and every val / test image and mask decodes (JPEGs at
-    1/8 scale through PIL's draft mode, which still reads every byte: a truncated file fails). In-memory sets were
-    decoded when loaded. For ILSVRC's 1.28 M training files only existence is checked (a stat each, seconds);
+    1/8 scale through PIL's draft mode, which still reads every byte: a truncated file fails). In-memory sets, and
+    the images of cached splits, were decoded when loaded. For ILSVRC's 1.28 M training files only existence is checked (a stat each, seconds);
     decoding them all would take about an hour on 2 cores."""
     for split, ds in splits.items():
-        if ds is None or ds.cache is not None:
+        if ds is None or ds.in_memory:
             continue
         if split == "train":
             if missing := next((r.path for r in ds.records if not Path(r.path).is_file()), None):
@@ -421,9 +571,10 @@ def check_images(splits: dict[str, WSOLDataset | None]) -> None:
             print(f"checking that the {len(ds)} {split} images decode (once per run)", flush=True)
         for rec in ds.records:
             try:
-                with Image.open(rec.path) as im:
-                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-                    im.load()
+                if ds.cache is None:
+                    with Image.open(rec.path) as im:
+                        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                        im.load()
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise DataError(f"{split} image {rec.path} does not decode: {e}") from None
             for mask in [*rec.masks, *([rec.ignore] if rec.ignore else [])]:
@@ -431,13 +582,13 @@ def check_images(splits: dict[str, WSOLDataset | None]) -> None:
 
 
 def get_splits(name: str, img_size: int, root: str | None = None, metadata_root: str | None = None,
-               test_crop: bool = False) -> dict[str, WSOLDataset | None]:
+               test_crop: bool = False, cache: str = "off") -> dict[str, WSOLDataset | None]:
     """A training script's train / val / test. If the val split's metadata is absent, "val" is None with a warning:
     the scripts then sweep CAM thresholds on test itself, as the official repos do, and their reports say so."""
-    splits = {s: get_dataset(name, s, img_size, root, metadata_root, test_crop and s != "train")
+    splits = {s: get_dataset(name, s, img_size, root, metadata_root, test_crop and s != "train", cache=cache)
               for s in ("train", "test")}
     try:
-        splits["val"] = get_dataset(name, "val", img_size, root, metadata_root, test_crop)
+        splits["val"] = get_dataset(name, "val", img_size, root, metadata_root, test_crop, cache=cache)
     except MissingSplit as e:
         print(f"warning: {e}\nwarning: no val split, so CAM thresholds will be chosen on the test split itself "
               "(reported as such; wsolevaluation chooses them on val)", flush=True)
@@ -446,8 +597,9 @@ def get_splits(name: str, img_size: int, root: str | None = None, metadata_root:
 
 
 def get_dataset(name: str, split: str, img_size: int, root: str | None = None, metadata_root: str | None = None,
-                test_crop: bool = False, train_augment: bool = True) -> WSOLDataset:
-    """split: train / val (threshold choice: CUBV2, ImageNetV2, OpenImages val) / test (the reported split)."""
+                test_crop: bool = False, train_augment: bool = True, cache: str = "off") -> WSOLDataset:
+    """split: train / val (threshold choice: CUBV2, ImageNetV2, OpenImages val) / test (the reported split).
+    cache: off / on / auto (pixel_cache); the synthetic set is always held in memory."""
     if name not in DATASETS or split not in ("train", "val", "test"):
         raise DataError(f"unknown dataset/split {name!r}/{split!r}: choose from {DATASETS} and train/val/test")
     path = Path(root or DEFAULT_ROOTS[name])
@@ -462,7 +614,7 @@ def get_dataset(name: str, split: str, img_size: int, root: str | None = None, m
     if bad := next((r for r in records if not 0 <= r.label < len(names)), None):
         raise DataError(f"{name} {split}: label {bad.label} of {bad.path} is outside 0..{len(names) - 1}")
     return WSOLDataset(name, split, records, names, img_size, test_crop, train_augment, threshold,
-                       in_memory=name == "synthetic")
+                       in_memory=name == "synthetic", cache=cache)
 
 
 # %% 5. The synthetic set (synthetic_demo.md): generator, on-disk cache, trivial baselines

@@ -32,6 +32,8 @@ What the code does where the paper is silent or says otherwise (README "deviatio
    background features rival the object's, so the zero-seeded universum cluster takes the object and DAL inverts the
    CAM); lambda2 = 0: from scratch, L_u drives the object's tokens into the universum and inverts the CAM (5-epoch
    ablation, test GT-known at the val tau: plain CAM 35.6 %, + L_d 61.2 %, + L_u 11.6 %, + both at lambda2 0.2 6.8 %).
+9. NOTE(ours) drop-path (to 0.1, shared ViT default) is on in training: TSA, L_d, L_u see it (official ResNet-50: none).
+10. NOTE(ours) a 14 x 14 patch grid (P = 196) where the official CUB/ILSVRC runs use 28 x 28 (P = 784), n = 32 in both.
 """
 
 from __future__ import annotations
@@ -353,10 +355,9 @@ def kmeans(points: torch.Tensor, init: torch.Tensor, max_iter: int, tol: float):
         new = sums / counts.clamp(min=1)[..., None]  # (B, k, D); a cluster emptied by relocation keeps its sum
         shift, unchanged = (new - centres).pow(2).sum((1, 2)), (labels == labels_old).all(1)  # (B,), (B,)
         centres = torch.where(active[:, None, None], new, centres)
-        kept_labels = torch.where(active[:, None], labels, kept_labels)
+        kept_labels, labels_old = torch.where(active[:, None], labels, kept_labels), labels
         strict |= active & unchanged
         active &= ~unchanged & (shift > tol)
-        labels_old = labels
         if not active.any():
             break
     # an image that stopped on the tolerance (or max_iter) gets one last assignment to its final centres
@@ -382,8 +383,7 @@ class TargetSampleAssigner(nn.Module):
         # step 1: a class seen for the first time gets its image feature as anchor (the batch's first image of it)
         first = labels.new_full((C,), B).scatter_reduce(0, labels, torch.arange(B, device=labels.device), "amin")
         new = (self.class_counts == 0) & (first < B)
-        self.class_anchors[new] = z[first[new]]
-        self.class_counts[new] = 1.0
+        self.class_anchors[new], self.class_counts[new] = z[first[new]], 1.0
         # steps 2-3: seeds [M_u, z, M_y] -> k-means in float32 (as the official sklearn call)
         init = torch.stack([self.universum_anchor.expand(B, -1), z, self.class_anchors[labels]], dim=1)  # (B, 3, D)
         centres, clusters = kmeans(features.float(), init.float(), self.max_iter, self.tol)  # (B, 3, D), (B, P)
@@ -392,7 +392,7 @@ class TargetSampleAssigner(nn.Module):
         self.universum_anchor.mul_(self.universum_count).add_(centres[:, 0].sum(0)).div_(self.universum_count + B)
         self.universum_count += B
         seen = torch.bincount(labels, minlength=C).double()  # (C,)
-        sums = torch.zeros_like(self.class_anchors).index_add_(0, labels, centres[:, 2])  # (C, D)
+        sums = torch.zeros_like(self.class_anchors).index_add_(0, labels, centres[:, 1])  # (C, D)
         total = (self.class_counts + seen).clamp(min=1)[:, None]  # (C, 1)
         updated = (self.class_anchors * self.class_counts[:, None] + sums) / total
         self.class_anchors.copy_(torch.where(seen[:, None] > 0, updated, self.class_anchors))
@@ -540,10 +540,7 @@ def evaluate(model, dataset, args: Args, device, at: dict | None = None, overlay
         meter.update(gt_maps, maps, out["logits"].float().cpu(), labels, batch["boxes"], batch["mask"])
     metrics = meter.compute(at=at)
     if overlay_dir is not None:
-        for index, scoremap, boxes in meter.examples()[: args.num_overlays]:
-            gt = dataset[index].get("boxes", torch.zeros(0, 4))
-            common.save_overlay(dataset.display_image(index), scoremap, gt, boxes,
-                                overlay_dir / f"{dataset.split}_{index:05d}.png")
+        common.save_overlays(meter, dataset, overlay_dir, args.num_overlays)
     model.train()
     return metrics
 

@@ -380,10 +380,7 @@ def evaluate(model, dataset, args: Args, device, at: dict | None = None, overlay
                      batch["repo_boxes"])  # the TS-CAM / SCM rule's GT boxes, for the repo protocol
     metrics = meter.compute(at=at)
     if overlay_dir is not None:
-        for index, scoremap, boxes in meter.examples()[: args.num_overlays]:
-            gt = dataset[index].get("boxes", torch.zeros(0, 4))
-            common.save_overlay(dataset.display_image(index), scoremap, gt, boxes,
-                                overlay_dir / f"{dataset.split}_{index:05d}.png")
+        common.save_overlays(meter, dataset, overlay_dir, args.num_overlays)
     model.train()
     return metrics
 

@@ -57,8 +57,9 @@ def assert_memory(prefix: str, tsa: dawsol.TargetSampleAssigner, state: dict) ->
 
 
 def official_shuffles(clusters: torch.Tensor, shuffle_f: list, shuffle_t: list):
-    """A torch.rand for TargetSampleAssigner.split that replays the official random.shuffle permutations (schema): its
-    draw(1, n - 1) then draw(2, n) sort members by the keys, so the j-th member of a permutation gets (j + 0.5) / (m + 1)."""
+    """A torch.rand for TargetSampleAssigner.split that replays the official random.shuffle permutations (schema):
+    its draw(1, n - 1), then draw(2, n), sort members by key: the j-th of m in a permutation gets (j + 0.5) / (m + 1).
+    """
     calls = iter([(1, shuffle_f), (2, shuffle_t)])
 
     def rand(*shape, **kwargs):
@@ -179,4 +180,3 @@ def test_eigencam_projection():
     lapack = official["get_2d_projection"]
     sign = torch.where((ours * lapack).sum(1) >= 0, 1.0, -1.0)  # (B,): +1 where torch agreed with LAPACK
     assert_matches("eigencam.get_2d_projection_up_to_sign", ours, (sign[:, None] * lapack).clamp(min=0), rtol=F32)
-

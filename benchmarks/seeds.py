@@ -1,0 +1,120 @@
+"""Seed statistics: run configurations x seeds, then mean ± std, a 95 % interval and paired differences.
+
+    python benchmarks/seeds.py --config tscam="tscam.py" --config scm="scm.py" --seeds 26 27 28 --baseline tscam
+    python benchmarks/seeds.py --config batched="dawsol.py --tsa-mode batched" \
+        --config sequential="dawsol.py --tsa-mode sequential" --baseline batched
+
+Each configuration is `name="<method>.py [flags]"`; each (name, seed) runs once, sequentially (time one thing at a
+time on a small CPU), as `python <method>.py <flags> --seed S --out-dir OUT --run-name <name>__s<S>`. A finished run
+(its metrics.json exists) is not run again, so an interrupted sweep continues where it stopped. The table reads the
+test split with thresholds chosen on val (wsolevaluation): GT-known Loc, BoxAccV2 (MaxBoxAccV2 at val-τ) and PxAP.
+Intervals: Student t with n - 1 degrees of freedom over seeds (not over images); paired differences are per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = {"GT-known": "test/GT-known Loc@val-τ", "BoxAccV2": "test/BoxAccV2@val-τ", "PxAP": "test/PxAP",
+           "Cls@1": "test/Cls@1"}
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086]  # two-sided 95 % Student t quantiles for 1..20 degrees of freedom
+
+
+def stats(values: list[float]) -> tuple[float, float, float]:
+    """mean, sample std, 95 % half-width over seeds (nan where n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, std, T975[min(n - 1, len(T975)) - 1] * std / math.sqrt(n)
+
+
+def run_one(name: str, command: str, seed: int, out: Path) -> dict:
+    run = out / f"{name}__s{seed}"
+    if not (run / "metrics.json").is_file():
+        script, *flags = shlex.split(command)
+        cmd = [sys.executable, script, *flags, "--seed", str(seed), "--out-dir", str(out), "--run-name", run.name]
+        print(f"$ {shlex.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        if run.exists():  # an interrupted run: continue it from its last complete epoch when it has one
+            cmd = [sys.executable, script, "--resume", str(run / "last.pt")] if (run / "last.pt").is_file() else None
+            if cmd is None:
+                raise SystemExit(f"error: {run} exists without last.pt or metrics.json; move it away to rerun it")
+        result = subprocess.run(cmd, cwd=ROOT)
+        if result.returncode:
+            raise SystemExit(f"error: {name} seed {seed} failed (exit {result.returncode})")
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["wall_s"] = time.perf_counter() - t0
+        (run / "seeds_wall.json").write_text(json.dumps({"wall_s": metrics["wall_s"]}))
+        return metrics
+    metrics = json.loads((run / "metrics.json").read_text())
+    wall = run / "seeds_wall.json"
+    metrics["wall_s"] = json.loads(wall.read_text())["wall_s"] if wall.is_file() else math.nan
+    return metrics
+
+
+def table(results: dict[str, dict[int, dict]], baseline: str | None) -> str:
+    seeds = sorted(next(iter(results.values())))
+    lines = [f"seeds {' '.join(map(str, seeds))} (n = {len(seeds)}); test split, τ chosen on val; "
+             "mean ± std [95 % interval half-width]", "",
+             "| config | " + " | ".join(METRICS) + " | wall (min) |", "|---" * (len(METRICS) + 2) + "|"]
+    for name, runs in results.items():
+        cells = []
+        for key in METRICS.values():
+            mean, std, half = stats([runs[s][key] for s in seeds])
+            cells.append(f"{mean:.1f} ± {std:.1f} [±{half:.1f}]")
+        walls = [runs[s]["wall_s"] / 60 for s in seeds if math.isfinite(runs[s]["wall_s"])]
+        cells.append(f"{sum(walls) / len(walls):.1f}" if walls else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if baseline:
+        lines += ["", f"paired differences vs {baseline} (same seeds): mean [95 % interval]", "",
+                  "| config | " + " | ".join(METRICS) + " | per-seed GT-known differences |",
+                  "|---" * (len(METRICS) + 2) + "|"]
+        for name, runs in results.items():
+            if name == baseline:
+                continue
+            cells = []
+            for key in METRICS.values():
+                diffs = [runs[s][key] - results[baseline][s][key] for s in seeds]
+                mean, _, half = stats(diffs)
+                cells.append(f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]")
+            per_seed = [runs[s][METRICS["GT-known"]] - results[baseline][s][METRICS["GT-known"]] for s in seeds]
+            lines.append(f"| {name} | " + " | ".join(cells) + " | " + " ".join(f"{d:+.1f}" for d in per_seed) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", required=True, metavar='NAME="METHOD.py FLAGS"',
+                        help="a configuration to run (repeat the flag for several)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[26, 27, 28], help="seeds (default: 26 27 28)")
+    parser.add_argument("--baseline", default=None, help="the configuration the paired differences are taken against")
+    parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go (default: runs/seeds)")
+    args = parser.parse_args(argv)
+    configs = {}
+    for item in args.config:
+        name, sep, command = item.partition("=")
+        if not sep or not command.split() or not command.split()[0].endswith(".py"):
+            parser.error(f'--config {item!r}: expected NAME="METHOD.py FLAGS"')
+        configs[name] = command
+    if args.baseline and args.baseline not in configs:
+        parser.error(f"--baseline {args.baseline!r} is not one of the configurations {list(configs)}")
+    out = Path(args.out_dir)
+    results = {name: {s: run_one(name, command, s, out) for s in args.seeds} for name, command in configs.items()}
+    text = table(results, args.baseline)
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()
