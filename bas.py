@@ -78,7 +78,10 @@ class Args:
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
         "help": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is what every official repo trains and tests in"})
     deterministic: bool = field(default=False, metadata={"help": "ask torch for deterministic kernels"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (0 is fastest on a 2-core CPU)"})
+    num_workers: str = field(default="auto", metadata={
+        "help": "DataLoader workers, or auto: 0 for in-memory / cached sets, else min(8, CPUs - 1) per GPU"})
+    cache: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "decoded pixels in data/cache/ "
+        "(one memory-mapped .npy per split); auto = on when a split's array is <= 8 GiB and <= half the free disk"})
     drop_last: bool | None = field(default=None, metadata={
         "help": "drop each epoch's last partial batch (NOTE(code): official loaders keep it but SAT's ILSVRC one)"})
     out_dir: str = field(default="runs", metadata={"help": "runs/<data>__bas__<seed>__<time>/ goes here"})
@@ -90,7 +93,9 @@ class Args:
     num_overlays: int = field(default=8, metadata={"help": "overlay pictures (map, GT and predicted box) to save"})
     # backbone (None = the dataset preset in PRESETS)
     pretrained: str | None = field(default=None, metadata={
-        "help": "DeiT-S checkpoint path, 'deit' (official URL through torch.hub's cache) or 'none' (from scratch)"})
+        "help": "DeiT checkpoint path, 'deit' (--arch's official URL through torch.hub's cache) or 'none' (scratch)"})
+    arch: Literal["deit_tiny", "deit_small", "deit_base"] | None = field(default=None, metadata={
+        "help": "DeiT size: sets the width, depth and heads not given below, and the --pretrained deit weights"})
     img_size: int | None = field(default=None, metadata={"help": "input side in pixels (ViT-S/16: 224)"})
     patch_size: int | None = field(default=None, metadata={"help": "patch side (ViT-S/16: 16)"})
     embed_dim: int | None = field(default=None, metadata={"help": "token width D (ViT-S: 384)"})
@@ -141,10 +146,10 @@ PRESETS = {  # the values a None field takes for each dataset; official BAS-Ext 
     "synthetic": dict(pretrained="none", img_size=64, patch_size=8, embed_dim=128, depth=4, heads=4, epochs=5,
                       batch_size=64, lr=1e-3, schedule="cosine", warmup_steps=100, grad_clip=1.0, num_bg_blocks=1,
                       alpha=0.5, beta=1.5, topk_test=1, test_crop=False, repo_threshold=0.1, drop_last=False),
-    "cub": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=30,
+    "cub": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=30,
                 batch_size=256, lr=1e-4, schedule="constant", warmup_steps=0, grad_clip=0.0, num_bg_blocks=3,
                 alpha=0.5, beta=1.5, topk_test=0, test_crop=True, repo_threshold=0.1, drop_last=False),
-    "ilsvrc": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=1,
+    "ilsvrc": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=1,
                    batch_size=512, lr=1.5e-5, schedule="constant", warmup_steps=0, grad_clip=0.0, num_bg_blocks=3,
                    alpha=1.0, beta=2.0, topk_test=1, test_crop=True, repo_threshold=0.25, drop_last=False),
 }
@@ -154,10 +159,14 @@ PRESETS["openimages"] = PRESETS["cub"] | dict(topk_test=1, test_crop=False)
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)
 # >>> vit-s begin
-# DeiT-Small/16 (Touvron et al., ICML 2021) as TS-CAM's vision_transformer.py builds it: pre-norm blocks, LayerNorm
-# eps 1e-6, qkv bias, exact GELU, stochastic depth rising linearly, cls token + learned position embedding. Module
-# names equal the official checkpoint's keys, so deit_small_patch16_224-cd65a155.pth loads by name.
-DEIT_SMALL_URL = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
+# DeiT/16 (Touvron et al., ICML 2021; ViT-S by default) as TS-CAM's vision_transformer.py builds it: pre-norm blocks,
+# LayerNorm eps 1e-6, qkv bias, exact GELU, stochastic depth rising linearly, cls token + learned position embedding.
+# Module names equal the official checkpoints' keys, so they load by name. --arch: (width D, depth, heads, weights).
+DEIT_ARCHS = {
+    "deit_tiny": (192, 12, 3, "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"),
+    "deit_small": (384, 12, 6, "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
+    "deit_base": (768, 12, 12, "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"),
+}
 
 
 class PatchEmbed(nn.Module):
@@ -280,17 +289,22 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
 def load_deit_weights(vit: VisionTransformer, path: str) -> None:
     """Load an official DeiT checkpoint (state dict under "model", or bare) into `vit`, by exact key match.
 
-    `path` is a file or "deit" (the official URL through torch.hub's cache). Only `head.*` / `head_dist.*` (the
-    ImageNet classifier) are skipped; any other missing, unexpected or mis-shaped key is an error listing them all.
+    `path` is a file or "deit": the official URL (through torch.hub's cache) of the DEIT_ARCHS entry with this ViT's
+    width, depth and heads, i.e. --arch's. Only `head.*` / `head_dist.*` (the ImageNet classifier) are skipped; any
+    other missing, unexpected or mis-shaped key is an error listing them all.
     """
+    size = (vit.cls_token.shape[-1], len(vit.blocks), vit.blocks[0].attn.num_heads)  # (D, depth, heads)
+    url = next((u for *arch, u in DEIT_ARCHS.values() if tuple(arch) == size), None)
+    if path == "deit" and url is None:
+        raise SystemExit(f"error: --pretrained deit: no official DeiT has width, depth, heads {size} (see --arch)")
     if path == "deit":
         try:
-            state = torch.hub.load_state_dict_from_url(DEIT_SMALL_URL, map_location="cpu", check_hash=True)
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
         except Exception as e:  # offline, proxy, hash mismatch: all end the same way
-            raise SystemExit(f"error: cannot fetch the DeiT-S weights from {DEIT_SMALL_URL} ({type(e).__name__}: {e})."
+            raise SystemExit(f"error: cannot fetch the DeiT weights from {url} ({type(e).__name__}: {e})."
                              " Download that file and pass --pretrained PATH, or use --pretrained none") from None
     elif not Path(path).is_file():
-        raise SystemExit(f"error: --pretrained {path}: no such file. The DeiT-S weights are at {DEIT_SMALL_URL}")
+        raise SystemExit(f"error: --pretrained {path}: no such file. DeiT weights: {url or DEIT_ARCHS['deit_small'][3]}")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -502,7 +516,7 @@ def train_one_epoch(model, loader, optimizer, args: Args, epoch: int, device, pr
             out = model(images, labels)
             loss, parts = compute_loss(out, labels, args)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        common.backward(loss, model, len(labels))  # loss.backward(); torchrun: the global batch's gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # inf: no clip
         common.check_finite(loss, parts, epoch, i, grad_norm)  # a diverged run stops here, before anything is saved
         optimizer.step()
@@ -521,7 +535,7 @@ def evaluate(model, dataset, args: Args, device, at: dict | None = None, overlay
     model.eval()
     meter = common.LocalizationMeter(args.img_size, "bas", args.repo_threshold, args.cam_curve_interval,
                                      has_masks=dataset.has_masks)
-    for batch in data.make_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers):
+    for batch in data.make_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers, device=device):
         images, labels = batch["image"].to(device), batch["label"]
         with common.autocast(device, args.precision):
             out = model(images)
@@ -545,13 +559,13 @@ def main(args: Args) -> dict[str, float]:
     run.start(model, optimizer, load_deit_weights, len(splits["train"]))  # the generator and head keep their init
     for epoch in run.epochs():
         loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,
-                                  args.drop_last)
+                                  args.drop_last, device)
         stats = train_one_epoch(model, loader, optimizer, args, epoch, device, run.progress)
         run.end_epoch(epoch, stats)
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
     val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
-    test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run.dir / "overlays")
+    test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run.overlays)
     print(f"maps: {describe_map(args, splits['train'].num_classes)}", flush=True)
     agnostic = args.map == "eigencam" or args.map == "bas" and args.topk_test != 1  # k > 1: a mean over classes
     return run.finish(val, test, maps=common.map_label(args.map, agnostic))

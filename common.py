@@ -399,6 +399,15 @@ class BoxEvaluator:
         self._per_cut.append(per_cut)
         self._max_q.append(max_q)
 
+    def merge(self, other: BoxEvaluator) -> None:
+        """Add another evaluator's images (another rank's shard, which comes after these)."""
+        for name, count in other.correct.items():
+            self.correct[name] = self.correct.get(name, 0) + count
+        for name in self.flagged:
+            self.flagged[name] += other.flagged[name]
+        self._per_cut += other._per_cut
+        self._max_q += other._max_q
+
     @property
     def best_ious(self) -> np.ndarray:
         """(N, T): per image and threshold, the best IoU over candidate boxes x GT boxes."""
@@ -447,6 +456,10 @@ class MaskEvaluator:
         bg = ~fg & ~ignore
         for hist, pixels in ((self.fg_hist, s[fg]), (self.bg_hist, s[bg])):  # bins [e_i, e_i+1), as np.histogram
             hist += np.bincount(np.searchsorted(self.edges, pixels, side="right") - 1, minlength=len(hist))
+
+    def merge(self, other: MaskEvaluator) -> None:
+        self.fg_hist += other.fg_hist
+        self.bg_hist += other.bg_hist
 
     def compute(self) -> dict[str, float]:
         tp, fp = np.cumsum(self.fg_hist[::-1]), np.cumsum(self.bg_hist[::-1])  # predicted fg at decreasing thresholds
@@ -564,6 +577,13 @@ class RepoProtocolEvaluator:
         self.counts["Top-5 Loc"] += int((box_ok & cls5).sum())
         self.counts["GT-known Loc"] += int((iou >= 0.5).sum())
 
+    def merge(self, other: RepoProtocolEvaluator) -> None:
+        for name in self.counts:
+            self.counts[name] += other.counts[name]
+        self.num_images += other.num_images
+        for key in getattr(self, "sweep", {}):
+            self.sweep[key] = self.sweep[key] + other.sweep[key]
+
     def _accumulate_scm(self, maps: torch.Tensor, top5: torch.Tensor, labels: torch.Tensor, gt: list) -> None:
         """SCM's count(): the maps of the top-k predicted classes (B, k, h, w), their single-contour boxes at every
         tau; det = IoU >= d, loc = det and that rank's class is the GT; top-5 = any rank (tscam_scm §3.5 step 3)."""
@@ -645,7 +665,24 @@ class LocalizationMeter:
             self._example_classes.append((int(labels[i]), int(top5[i, 0])))  # (true, predicted), for overlays
         self.num_images += len(scoremaps)
 
+    def merge(self, other: LocalizationMeter) -> None:
+        """Add another rank's shard of the split (it follows these images: its example indices are shifted)."""
+        for mine, theirs in ((self.boxes, other.boxes), (self.masks, other.masks), (self.repo, other.repo)):
+            if mine is not None:
+                mine.merge(theirs)
+        self.cls_correct = self.cls_correct + other.cls_correct
+        room = self.num_examples - len(self._examples)
+        self._examples += [(self.num_images + i, m) for i, m in other._examples[:room]]
+        self._example_classes += other._example_classes[:room]
+        self.num_images += other.num_images
+
     def compute(self, at: dict[str, float] | None = None) -> dict:
+        if world()[1] > 1 and not getattr(self, "_merged", False):  # torchrun: every rank scored a shard
+            first, *rest = gather_objects(self)
+            for other in rest:
+                first.merge(other)
+            self.__dict__.update(first.__dict__)
+            self._merged = True
         cls1, cls5 = 100 * self.cls_correct / self.num_images
         out = {"Cls@1": cls1, "Cls@5": cls5, "cam_curve_interval": self.cam_curve_interval}
         if self.boxes.num_images:
@@ -790,10 +827,14 @@ def check_args(args) -> None:
     """Every numeric and structural constraint of the shared flags, checked before any data loads: a SystemExit
     naming the flag and the allowed range. Method files check their own knobs after calling this."""
     problems = []
-    for f in dataclasses.fields(args):  # NaN and infinity are never a meaningful setting
+    for f in dataclasses.fields(args):  # every method's own knobs too: finite, and no negative count or weight
         v = getattr(args, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             problems.append(f"{_flag(f.name)} {v}: must be a finite number")
+        elif isinstance(v, int | float) and not isinstance(v, bool) and v < 0 and f.name != "seed":
+            problems.append(f"{_flag(f.name)} {v}: must be >= 0")
+        elif f.name.startswith("num_") and f.name.endswith("_blocks") and isinstance(v, int) and v > args.depth:
+            problems.append(f"{_flag(f.name)} {v}: must be at most --depth {args.depth}")
 
     def need(ok: bool, name: str, allowed: str) -> None:
         if not ok:
@@ -819,6 +860,14 @@ def check_args(args) -> None:
                         "grid must tile the image exactly, or maps and boxes are misaligned)")
     if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:") and args.device[5:].isdigit()):
         problems.append(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: --batch-size is the global batch
+    if processes > 1 and g("batch_size") and args.batch_size % processes:
+        problems.append(f"--batch-size {args.batch_size} does not split evenly over {processes} processes")
+    elif processes > 1 and g("area_group") and (args.batch_size // processes) % args.area_group:
+        problems.append(f"--area-group {args.area_group} must divide each process's {args.batch_size // processes} "
+                        "images (or be 0: the global batch)")
+    if processes > 1 and g("tsa_mode") == "sequential":
+        problems.append("--tsa-mode sequential (the official image-by-image order) runs in one process only")
     if problems:
         raise SystemExit("error: " + "\nerror: ".join(problems))
 
@@ -839,6 +888,120 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} was asked for, but torch sees no CUDA device (use --device cpu)")
     return torch.device(name)
+
+
+# Distributed data parallel (torchrun): a few functions, each a no-op in one process. `--batch-size` is the global
+# batch; each step's global batch is cut into contiguous per-rank shards (rank order = batch order), gradients are
+# summed over ranks with each rank's loss weighted by its share, and evaluation states are merged, so the numbers
+# equal one process on the same global batch.
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA and gloo on CPU, and return this
+    rank's device (cuda:LOCAL_RANK); else pick_device(device_name)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return pick_device(device_name)
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def shard(n: int, rank: int, size: int) -> slice:
+    """Rank `rank`'s contiguous part of n items split over `size` ranks, as even as possible (earlier ranks +1)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Sums over ranks (no gradient): batch statistics that every rank must hold alike (DA-WSOL's memory)."""
+    if world()[1] == 1:
+        return list(tensors)
+    out = [t.clone() for t in tensors]
+    for t in out:
+        torch.distributed.all_reduce(t)
+    return out
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """The global batch's rows of a per-rank tensor (rank order; shards may differ in length). No gradient."""
+    if world()[1] == 1:
+        return t
+    return torch.cat([p.to(t.device) for p in gather_objects(t.detach().cpu())])
+
+
+class _GlobalSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the incoming gradients: every rank's output depends on
+    every rank's input."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks WITH gradient (a batch statistic of the global batch, e.g. SAT's mean area). Each rank's loss
+    is weighted by its share (backward), so the summed gradient is the one-process gradient of that statistic."""
+    return t if world()[1] == 1 else _GlobalSum.apply(t)
+
+
+def group_means(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Means of per-image `values` (B,) over groups of `group` consecutive images of the global batch; 0 = the whole
+    global batch, summed over ranks with gradient under torchrun (global_sum). A group > 0 must divide each rank's
+    share of the batch (checked at start), so groups never span ranks. -> (G,)"""
+    if group == 0:
+        total = global_sum(torch.stack([values.sum(), values.new_tensor(float(len(values)))]))
+        return (total[0] / total[1])[None]
+    return torch.stack([chunk.mean() for chunk in values.split(group)])
+
+
+def backward(loss: torch.Tensor, model: torch.nn.Module, batch_size: int) -> None:
+    """loss.backward(); under torchrun the gradient of the global batch's loss: each rank's loss times its share of
+    the batch (n_r / N), then the gradients summed over ranks (an unused parameter counts as zero)."""
+    rank, size = world()
+    if size == 1:
+        loss.backward()
+        return
+    n = torch.tensor([float(batch_size)], device=loss.device)
+    torch.distributed.all_reduce(n)
+    (loss * (batch_size / n.item())).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p).clone()
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -1029,9 +1192,11 @@ def resume_args(args, method: str) -> dict | None:
     return state
 
 
-def steps_per_epoch(num_images: int, batch_size: int, drop_last: bool) -> int:
-    """Optimizer steps of one epoch, by the method's official loader rule (drop_last or keep the partial batch)."""
-    return num_images // batch_size if drop_last else -(-num_images // batch_size)
+def steps_per_epoch(num_images: int, batch_size: int, drop_last: bool, processes: int = 1) -> int:
+    """Optimizer steps of one epoch, by the method's official loader rule (drop_last or keep the partial batch).
+    Under torchrun a last partial batch smaller than the number of processes is dropped (a rank would get none)."""
+    full, rest = divmod(num_images, batch_size)
+    return full + (not drop_last and rest >= processes)
 
 
 class Run:
@@ -1045,6 +1210,7 @@ class Run:
 
     The run folder is created only once data, model and weights have loaded, exclusively; --resume continues in the
     checkpoint's own folder unless --out-dir / --run-name are given, dropping rows of epochs after the checkpoint.
+    Under torchrun every rank runs this; only rank 0 writes files and prints, and every rank resumes from last.pt.
     """
 
     current: Run | None = None  # the run in progress, for common.cli's Ctrl-C message
@@ -1056,8 +1222,9 @@ class Run:
         self.resumed = resume_args(args, method)
         apply_preset(args, presets)
         check_args(args)
-        seed_everything(args.seed, args.deterministic)
-        self.device = pick_device(args.device)
+        self.device = init_distributed(args.device)
+        self.rank, self.world = world()
+        seed_everything(args.seed, args.deterministic)  # every rank builds the same initial model
         if args.eval_only and not args.checkpoint:
             raise SystemExit("error: --eval-only needs --checkpoint PATH")
         self.dir: Path | None = None
@@ -1067,11 +1234,14 @@ class Run:
         args = self.args
         self.model, self.optimizer = model, optimizer
         self.arch = {k: getattr(args, k) for k in ARCH_FIELDS} | {"num_classes": self._num_classes(model)}
+        if self.rank:  # other ranks draw their own crops, flips and drop-path masks; rank 0 is the one-process run
+            seed_everything(args.seed + 1000 * self.rank, args.deterministic)
         if self.resumed is not None:
             _check_fits(args.resume, self.resumed, self.method, self.arch)
             _load_model(args.resume, model, self.resumed["model"])
             optimizer.load_state_dict(self.resumed["optimizer"])
-            set_rng_state(self.resumed["rng"])
+            ranks = self.resumed.get("rng_ranks") or [self.resumed["rng"]]
+            set_rng_state(ranks[self.rank] if len(ranks) == self.world else self.resumed["rng"])
             self.start_epoch = self.epoch_done = self.resumed["epoch"]
         elif args.eval_only:
             state = load_checkpoint(args.checkpoint)
@@ -1080,10 +1250,23 @@ class Run:
             self.epoch_done = state.get("epoch", 0)
         elif args.pretrained != "none":
             load_pretrained(model.vit, args.pretrained)
-        self.steps = steps_per_epoch(num_train, args.batch_size, args.drop_last)
+        self.steps = steps_per_epoch(num_train, args.batch_size, args.drop_last, self.world)
         self.total_epochs = 0 if args.eval_only else args.epochs
         if self.total_epochs > self.start_epoch and self.steps == 0:
             raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {num_train} training images")
+        if self.rank == 0:
+            self._make_folder()
+        self.dir = Path(gather_objects(str(self.dir))[0])  # every rank knows rank 0's folder
+        Run.current = self
+        verb = f"resumed {args.resume} at epoch {self.start_epoch}" if self.resumed is not None else "run"
+        device = f"{self.device}{f' x {self.world} processes' if self.world > 1 else ''}"
+        self.print(f"{verb} | folder {self.dir} | device {device} ({precision_name(self.device, args.precision)}) | "
+                   f"data {args.data} | {self.steps} steps/epoch", flush=True)
+        self.progress = Progress(self.total_epochs * self.steps, args.log_every, self.start_epoch * self.steps,
+                                 quiet=self.rank > 0, scale=self.world)
+
+    def _make_folder(self) -> None:
+        args = self.args
         if self.own_folder:  # continue in the checkpoint's folder, without the rows of epochs it does not hold
             self.dir = Path(args.resume).resolve().parent
             rows = [r for r in _read_rows(self.dir / "metrics.jsonl")
@@ -1093,11 +1276,15 @@ class Run:
         else:
             self.dir = make_run_dir(args.out_dir, args.data, self.method, args.seed, args.run_name)
         write_json(self.dir / "args.json", dataclasses.asdict(args))
-        Run.current = self
-        verb = f"resumed {args.resume} at epoch {self.start_epoch}" if self.resumed is not None else "run"
-        print(f"{verb} | folder {self.dir} | device {self.device} ({precision_name(self.device, args.precision)}) | "
-              f"data {args.data} | {self.steps} steps/epoch", flush=True)
-        self.progress = Progress(self.total_epochs * self.steps, args.log_every, self.start_epoch * self.steps)
+
+    def print(self, *values, **kw) -> None:
+        if self.rank == 0:
+            print(*values, **kw)
+
+    @property
+    def overlays(self) -> Path | None:
+        """Where evaluate() writes overlay pictures: the run folder's overlays/ on rank 0 only."""
+        return self.dir / "overlays" if self.rank == 0 else None
 
     @staticmethod
     def _num_classes(model) -> int | None:
@@ -1111,25 +1298,33 @@ class Run:
 
     def end_epoch(self, epoch: int, stats: dict, extra: dict | None = None) -> None:
         """One printed line and one metrics.jsonl row (train/<stat>, plus `extra` keys as they are), then last.pt
-        (atomically: a crash keeps the previous one)."""
+        (atomically: a crash keeps the previous one). Under torchrun the stats are the mean over ranks, and last.pt
+        holds every rank's random state."""
+        every = gather_objects(stats)
+        stats = {k: sum(s[k] for s in every) / len(every) for k in stats}
+        rngs = gather_objects(rng_state())
+        self.epoch_done = epoch + 1
+        if self.rank:
+            return
         row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - self.t0}
         row |= {f"train/{k}": v for k, v in stats.items()} | (extra or {})
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "epoch": epoch + 1, "rng": rng_state(), "args": dataclasses.asdict(self.args),
-                         "method": self.method, "arch": self.arch}, self.dir / "last.pt")
+                         "epoch": epoch + 1, "rng": rngs[0], "args": dataclasses.asdict(self.args),
+                         "method": self.method, "arch": self.arch} | ({"rng_ranks": rngs} if self.world > 1 else {}),
+                        self.dir / "last.pt")
         append_jsonl(self.dir / "metrics.jsonl", row)  # after the checkpoint: a row always has its epoch saved
-        self.epoch_done = epoch + 1
 
     def finish(self, val: dict, test: dict, maps: str) -> dict:
         final = {"epoch": self.epoch_done, **{f"val/{k}": v for k, v in val.items()},
                  **{f"test/{k}": v for k, v in test.items()}}
-        append_jsonl(self.dir / "metrics.jsonl", final)
-        write_json(self.dir / "metrics.json", final)
-        print(headline(val, test, maps), format_report(val, "val", maps), format_report(test, "test", maps),
-              sep="\n", flush=True)
-        written = [str(self.dir / n) for n in ("metrics.json", "last.pt", "overlays") if (self.dir / n).exists()]
-        print("wrote " + ", ".join(written), flush=True)
+        if self.rank == 0:
+            append_jsonl(self.dir / "metrics.jsonl", final)
+            write_json(self.dir / "metrics.json", final)
+            print(headline(val, test, maps), format_report(val, "val", maps), format_report(test, "test", maps),
+                  sep="\n", flush=True)
+            written = [str(self.dir / n) for n in ("metrics.json", "last.pt", "overlays") if (self.dir / n).exists()]
+            print("wrote " + ", ".join(written), flush=True)
         Run.current = None
         return final
 
@@ -1182,14 +1377,15 @@ class Progress:
 
     """Prints `tag step/total | key value ... | img/s | ETA` every `every` steps, and once at the end."""
 
-    def __init__(self, total_steps: int, every: int = 50, start_step: int = 0):
-        self.total, self.every, self.step = total_steps, every, start_step
+    def __init__(self, total_steps: int, every: int = 50, start_step: int = 0, quiet: bool = False, scale: int = 1):
+        self.total, self.every, self.step, self.quiet, self.scale = total_steps, every, start_step, quiet, scale
         self.t0, self.start, self.images = time.perf_counter(), start_step, 0
 
     def update(self, batch_size: int, tag: str, **values: float) -> None:
+        """batch_size: this process's images; under torchrun (scale = processes) img/s is the global rate."""
         self.step += 1
-        self.images += batch_size
-        if self.step % self.every and self.step != self.total:
+        self.images += batch_size * self.scale
+        if self.quiet or self.step % self.every and self.step != self.total:
             return
         elapsed = time.perf_counter() - self.t0
         rate = self.images / max(elapsed, 1e-9)
@@ -1258,12 +1454,15 @@ def save_overlays(meter: LocalizationMeter, dataset, overlay_dir: Path, n: int) 
     """The first n evaluated images of a split as pictures (save_overlay): the map, the GT boxes, every candidate box
     at the GT-known threshold, the one wsolevaluation scores (best IoU with a GT box) thick red, and a caption with
     the true and predicted class, τ and that IoU."""
+    names = getattr(dataset, "class_names", None) or []
+
+    def name(k: int) -> str:
+        return names[k] if k < len(names) else str(k)
+
     for (index, scoremap, boxes), (label, pred) in zip(meter.examples()[:n], meter._example_classes, strict=False):
         gt = np.asarray(dataset[index].get("boxes", torch.zeros(0, 4)), dtype=np.int64).reshape(-1, 4)
         ious = box_iou(boxes, gt).max(axis=1) if len(boxes) and len(gt) else np.zeros(len(boxes))
         scored = int(ious.argmax()) if len(boxes) and len(gt) else None
-        names = getattr(dataset, "class_names", None) or []
-        name = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
         tau = meter._example_threshold
         caption = (f"true {name(label)} | predicted {name(pred)}" + ("" if pred == label else " (wrong)") + "\n"
                    + (f"tau {tau:.3f} | " if tau is not None else "")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 import common
@@ -415,16 +415,46 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int | st
     """Train: shuffled by a generator seeded from (seed, epoch); the last partial batch is kept unless drop_last
     (each method's official loader rule: its --drop-last preset). Eval: in order, every image.
 
-    num_workers: a number or "auto" (worker_count). device: where the model runs; on CUDA batches come pinned, and a
-    cached or in-memory set yields uint8 pixels that DeviceBatches crops, flips and normalises on the GPU."""
+    num_workers: a number or "auto" (worker_count). device: where the model runs; on CUDA batches come pinned. A
+    cached or in-memory set's batches are gathered as uint8 and cropped, flipped and normalised as a whole on that
+    device (DeviceBatches: the GPU when training there), so the CPU only copies bytes."""
     device = torch.device(device or "cpu")
     workers = worker_count(num_workers, ds)
-    on_device = device.type == "cuda" and getattr(ds, "cache", None) is not None
+    on_device = getattr(ds, "cache", None) is not None
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    loader = DataLoader(CachedPixels(ds) if on_device else ds, batch_size=batch_size, shuffle=train,
-                        drop_last=train and drop_last, num_workers=workers, collate_fn=collate, generator=g,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    batches = RankBatches(len(ds), batch_size, train, drop_last, g)  # this process's share of each global batch
+    loader = DataLoader(CachedPixels(ds) if on_device else ds, batch_sampler=batches, num_workers=workers,
+                        collate_fn=collate, generator=g, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0)  # g: DataLoader draws its worker seed first, then batches
     return DeviceBatches(loader, ds, device) if on_device else loader
+
+
+class RankBatches(Sampler):
+    """Index batches. Train: a permutation drawn from `generator` (after the DataLoader's own draw from it: the order
+    DataLoader(shuffle=True, generator=g) gives), cut into global batches of batch_size; the last partial
+    one is kept unless drop_last (common.steps_per_epoch's rule). Eval: in order. Under torchrun each process gets
+    its contiguous shard of every train batch (common.shard), and of the eval split as a whole (no padding: no image
+    is scored twice; the evaluators' states are merged afterwards)."""
+
+    def __init__(self, n: int, batch_size: int, train: bool, drop_last: bool, generator: torch.Generator):
+        self.n, self.batch_size, self.train, self.drop_last, self.generator = n, batch_size, train, drop_last, generator
+        self.rank, self.world = common.world()
+
+    def __len__(self) -> int:
+        if self.train:
+            return common.steps_per_epoch(self.n, self.batch_size, self.drop_last, self.world)
+        part = common.shard(self.n, self.rank, self.world)
+        return -(-(part.stop - part.start) // self.batch_size)
+
+    def __iter__(self):
+        if not self.train:
+            order = list(range(self.n))[common.shard(self.n, self.rank, self.world)]
+            yield from (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            return
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        for step in range(len(self)):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield batch[common.shard(len(batch), self.rank, self.world)]
 
 
 def worker_count(num_workers: int | str, ds: Dataset | None = None) -> int:
@@ -453,8 +483,8 @@ class CachedPixels(Dataset):
 
 
 class DeviceBatches:
-    """Iterates a DataLoader of CachedPixels: each uint8 batch goes to `device` (pinned, non-blocking) and is
-    cropped, flipped and normalised there by the dataset's own finish_batch, so the CPU only gathers bytes."""
+    """Iterates a DataLoader of CachedPixels: each uint8 batch goes to `device` (CUDA: pinned, non-blocking) and is
+    cropped, flipped and normalised there by the dataset's own finish_batch, one batch-wide op each."""
 
     def __init__(self, loader: DataLoader, ds: WSOLDataset, device: torch.device):
         self.loader, self.ds, self.device = loader, ds, device
@@ -545,21 +575,28 @@ def build_pixel_cache(ds: WSOLDataset, path: Path, meta: Path, side: int) -> Non
 
 def load_splits(args) -> dict[str, WSOLDataset | None]:
     """A method's train / val / test from its Args (get_splits), every image checked first (check_images); a data
-    problem is one line naming the file, before anything is trained or written."""
+    problem is one line naming the file, before anything is trained or written. Under torchrun rank 0 goes first
+    (it builds the synthetic set or the cache and checks the images); the others then only read."""
+    rank = common.world()[0]
+    if rank:
+        common.barrier()
     try:
         splits = get_splits(args.data, args.img_size, args.data_root, args.metadata_root,
                             getattr(args, "test_crop", False), getattr(args, "cache", "off"))
-        check_images(splits)
+        if rank == 0:
+            check_images(splits)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
+    if rank == 0:
+        common.barrier()
     return splits
 
 
 def check_images(splits: dict[str, WSOLDataset | None]) -> None:
     """Before training: every listed training image exists, and every val / test image and mask decodes (JPEGs at
     1/8 scale through PIL's draft mode, which still reads every byte: a truncated file fails). In-memory sets, and
-    the images of cached splits, were decoded when loaded. For ILSVRC's 1.28 M training files only existence is checked (a stat each, seconds);
-    decoding them all would take about an hour on 2 cores."""
+    the images of cached splits, were decoded when loaded. For ILSVRC's 1.28 M training files only existence is
+    checked (a stat each, seconds); decoding them all would take about an hour on 2 cores."""
     for split, ds in splits.items():
         if ds is None or ds.in_memory:
             continue

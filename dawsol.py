@@ -66,7 +66,10 @@ class Args:
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
         "help": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32 is what every official repo trains and tests in"})
     deterministic: bool = field(default=False, metadata={"help": "ask torch for deterministic kernels"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (0 is fastest on a 2-core CPU)"})
+    num_workers: str = field(default="auto", metadata={
+        "help": "DataLoader workers, or auto: 0 for in-memory / cached sets, else min(8, CPUs - 1) per GPU"})
+    cache: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "decoded pixels in data/cache/ "
+        "(one memory-mapped .npy per split); auto = on when a split's array is <= 8 GiB and <= half the free disk"})
     drop_last: bool | None = field(default=None, metadata={
         "help": "drop each epoch's last partial batch (NOTE(code): official loaders keep it but SAT's ILSVRC one)"})
     out_dir: str = field(default="runs", metadata={"help": "runs/<data>__dawsol__<seed>__<time>/ goes here"})
@@ -78,7 +81,9 @@ class Args:
     num_overlays: int = field(default=8, metadata={"help": "overlay pictures (map, GT and predicted box) to save"})
     # backbone (None = the dataset preset in PRESETS)
     pretrained: str | None = field(default=None, metadata={
-        "help": "DeiT-S checkpoint path, 'deit' (official URL through torch.hub's cache) or 'none' (from scratch)"})
+        "help": "DeiT checkpoint path, 'deit' (--arch's official URL through torch.hub's cache) or 'none' (scratch)"})
+    arch: Literal["deit_tiny", "deit_small", "deit_base"] | None = field(default=None, metadata={
+        "help": "DeiT size: sets the width, depth and heads not given below, and the --pretrained deit weights"})
     img_size: int | None = field(default=None, metadata={"help": "input side in pixels (ViT-S/16: 224)"})
     patch_size: int | None = field(default=None, metadata={"help": "patch side (ViT-S/16: 16)"})
     embed_dim: int | None = field(default=None, metadata={"help": "token width D (ViT-S: 384)"})
@@ -123,7 +128,7 @@ PRESETS = {  # the values a None field takes for each dataset; the official ones
                       batch_size=64, optimizer="adamw", lr=1e-3, head_lr_mult=1.0, weight_decay=0.05,
                       schedule="cosine", lr_steps=(), warmup_steps=100, grad_clip=1.0, neck="centred",
                       lambda_dal=0.3, lambda_universum=0.0, dal_start_epoch=1, n_samples=8, drop_last=False),
-    "cub": dict(pretrained="deit", img_size=224, patch_size=16, embed_dim=384, depth=12, heads=6, epochs=50,
+    "cub": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=50,
                 batch_size=32, optimizer="sgd", lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, schedule="step",
                 lr_steps=(30,), warmup_steps=0, grad_clip=0.0, neck="linear_relu", lambda_dal=0.3,
                 lambda_universum=2.0, dal_start_epoch=1, n_samples=32, drop_last=False),
@@ -134,10 +139,14 @@ PRESETS["openimages"] = PRESETS["cub"] | dict(epochs=10, lr_steps=(3,), lambda_d
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)
 # >>> vit-s begin
-# DeiT-Small/16 (Touvron et al., ICML 2021) as TS-CAM's vision_transformer.py builds it: pre-norm blocks, LayerNorm
-# eps 1e-6, qkv bias, exact GELU, stochastic depth rising linearly, cls token + learned position embedding. Module
-# names equal the official checkpoint's keys, so deit_small_patch16_224-cd65a155.pth loads by name.
-DEIT_SMALL_URL = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
+# DeiT/16 (Touvron et al., ICML 2021; ViT-S by default) as TS-CAM's vision_transformer.py builds it: pre-norm blocks,
+# LayerNorm eps 1e-6, qkv bias, exact GELU, stochastic depth rising linearly, cls token + learned position embedding.
+# Module names equal the official checkpoints' keys, so they load by name. --arch: (width D, depth, heads, weights).
+DEIT_ARCHS = {
+    "deit_tiny": (192, 12, 3, "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"),
+    "deit_small": (384, 12, 6, "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
+    "deit_base": (768, 12, 12, "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"),
+}
 
 
 class PatchEmbed(nn.Module):
@@ -260,17 +269,22 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
 def load_deit_weights(vit: VisionTransformer, path: str) -> None:
     """Load an official DeiT checkpoint (state dict under "model", or bare) into `vit`, by exact key match.
 
-    `path` is a file or "deit" (the official URL through torch.hub's cache). Only `head.*` / `head_dist.*` (the
-    ImageNet classifier) are skipped; any other missing, unexpected or mis-shaped key is an error listing them all.
+    `path` is a file or "deit": the official URL (through torch.hub's cache) of the DEIT_ARCHS entry with this ViT's
+    width, depth and heads, i.e. --arch's. Only `head.*` / `head_dist.*` (the ImageNet classifier) are skipped; any
+    other missing, unexpected or mis-shaped key is an error listing them all.
     """
+    size = (vit.cls_token.shape[-1], len(vit.blocks), vit.blocks[0].attn.num_heads)  # (D, depth, heads)
+    url = next((u for *arch, u in DEIT_ARCHS.values() if tuple(arch) == size), None)
+    if path == "deit" and url is None:
+        raise SystemExit(f"error: --pretrained deit: no official DeiT has width, depth, heads {size} (see --arch)")
     if path == "deit":
         try:
-            state = torch.hub.load_state_dict_from_url(DEIT_SMALL_URL, map_location="cpu", check_hash=True)
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
         except Exception as e:  # offline, proxy, hash mismatch: all end the same way
-            raise SystemExit(f"error: cannot fetch the DeiT-S weights from {DEIT_SMALL_URL} ({type(e).__name__}: {e})."
+            raise SystemExit(f"error: cannot fetch the DeiT weights from {url} ({type(e).__name__}: {e})."
                              " Download that file and pass --pretrained PATH, or use --pretrained none") from None
     elif not Path(path).is_file():
-        raise SystemExit(f"error: --pretrained {path}: no such file. The DeiT-S weights are at {DEIT_SMALL_URL}")
+        raise SystemExit(f"error: --pretrained {path}: no such file. DeiT weights: {url or DEIT_ARCHS['deit_small'][3]}")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -380,19 +394,23 @@ class TargetSampleAssigner(nn.Module):
         """Steps 1-4 for a batch seeded from the memory as it is now: (B, D), (B, P, D), (B,) -> clusters (B, P)."""
         B, C = len(labels), len(self.class_counts)
         z = image_feature.double()  # (B, D)
-        # step 1: a class seen for the first time gets its image feature as anchor (the batch's first image of it)
-        first = labels.new_full((C,), B).scatter_reduce(0, labels, torch.arange(B, device=labels.device), "amin")
-        new = (self.class_counts == 0) & (first < B)
-        self.class_anchors[new], self.class_counts[new] = z[first[new]], 1.0
+        # step 1: a class seen for the first time gets its image feature as anchor (the batch's first image of it;
+        # under torchrun the global batch's: every rank must hold the same memory)
+        every_label, every_z = common.gather_cat(labels), common.gather_cat(z)  # (N,), (N, D); N = B in one process
+        N = len(every_label)
+        first = labels.new_full((C,), N).scatter_reduce(0, every_label, torch.arange(N, device=labels.device), "amin")
+        new = (self.class_counts == 0) & (first < N)
+        self.class_anchors[new], self.class_counts[new] = every_z[first[new]], 1.0
         # steps 2-3: seeds [M_u, z, M_y] -> k-means in float32 (as the official sklearn call)
         init = torch.stack([self.universum_anchor.expand(B, -1), z, self.class_anchors[labels]], dim=1)  # (B, 3, D)
         centres, clusters = kmeans(features.float(), init.float(), self.max_iter, self.tol)  # (B, 3, D), (B, P)
         centres = centres.double()
         # step 4: M_u, M_y (with cluster 1's centre, NOTE(code)) become cumulative means, as the official one by one
-        self.universum_anchor.mul_(self.universum_count).add_(centres[:, 0].sum(0)).div_(self.universum_count + B)
-        self.universum_count += B
-        seen = torch.bincount(labels, minlength=C).double()  # (C,)
-        sums = torch.zeros_like(self.class_anchors).index_add_(0, labels, centres[:, 1])  # (C, D)
+        universum_sum, seen, sums = common.all_reduce_sum(  # (D,), (C,), (C, D): summed over ranks under torchrun
+            centres[:, 0].sum(0), torch.bincount(labels, minlength=C).double(),
+            torch.zeros_like(self.class_anchors).index_add_(0, labels, centres[:, 1]))
+        self.universum_anchor.mul_(self.universum_count).add_(universum_sum).div_(self.universum_count + N)
+        self.universum_count += N
         total = (self.class_counts + seen).clamp(min=1)[:, None]  # (C, 1)
         updated = (self.class_anchors * self.class_counts[:, None] + sums) / total
         self.class_anchors.copy_(torch.where(seen[:, None] > 0, updated, self.class_anchors))
@@ -514,7 +532,7 @@ def train_one_epoch(model, loader, optimizer, args: Args, epoch: int, device, pr
             out = model(images)
             loss, parts = compute_loss(out, labels, args, tsa)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        common.backward(loss, model, len(labels))  # loss.backward(); torchrun: the global batch's gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # inf: no clip
         common.check_finite(loss, parts, epoch, i, grad_norm)  # a diverged run stops here, before anything is saved
         optimizer.step()
@@ -531,7 +549,7 @@ def evaluate(model, dataset, args: Args, device, at: dict | None = None, overlay
     """Maps for one split, scored by wsolevaluation's protocol in common.LocalizationMeter (DA-WSOL has no other)."""
     model.eval()
     meter = common.LocalizationMeter(args.img_size, None, None, args.cam_curve_interval, has_masks=dataset.has_masks)
-    for batch in data.make_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers):
+    for batch in data.make_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers, device=device):
         images, labels = batch["image"].to(device), batch["label"]
         with common.autocast(device, args.precision):
             out = model(images, need_maps=True)
@@ -560,13 +578,13 @@ def main(args: Args) -> dict[str, float]:
     run.start(model, optimizer, load_deit_weights, len(splits["train"]))  # now the run folder appears
     for epoch in run.epochs():
         loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,
-                                  args.drop_last)
+                                  args.drop_last, device)
         stats = train_one_epoch(model, loader, optimizer, args, epoch, device, run.progress)
         run.end_epoch(epoch, stats)
 
     # thresholds are chosen on val and applied to test: never tuned on the reported split
     val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
-    test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run.dir / "overlays")
+    test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run.overlays)
     return run.finish(val, test, maps=common.map_label(args.map, args.map == "eigencam"))
 
 

@@ -43,7 +43,8 @@ def eval_maps(name, module, model, images, args):
 
 def bench(name: str, opts) -> tuple[float, float]:
     module = importlib.import_module(name)
-    args = common.parse_args(module.Args, ["--data", opts.data, "--pretrained", "none", "--device", opts.device])
+    args = common.parse_args(module.Args, ["--data", opts.data, "--pretrained", "none", "--device", opts.device,
+                                           "--precision", getattr(opts, "precision", "auto")])
     common.apply_preset(args, module.PRESETS)
     if opts.batch_size:
         args.batch_size = opts.batch_size
@@ -71,7 +72,7 @@ def bench(name: str, opts) -> tuple[float, float]:
     train_rate = opts.steps * batch / (time.perf_counter() - start)
 
     model.eval()
-    with torch.inference_mode(), common.autocast(device):
+    with torch.inference_mode(), common.autocast(device, args.precision):
         images = batches[0]["image"].to(device)
         eval_maps(name, module, model, images, args)
         sync()
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps / evaluation batches")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="as the scripts' flag")
     parser.add_argument("--methods", nargs="+", default=list(MODELS), choices=list(MODELS))
     opts = parser.parse_args()
     if opts.threads:

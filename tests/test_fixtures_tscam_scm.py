@@ -9,11 +9,11 @@ counts are integers and must be equal. The fixture holds no float32 outputs, so 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches, load_fixture
 
 import common
 import scm
 import tscam
+from conftest import assert_matches, load_fixture
 
 RTOL = 1e-10
 FIX = load_fixture("tscam_scm.pt")

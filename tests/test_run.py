@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,7 @@ def test_truncated_jpeg_found_by_check_images(tmp_path):
     (["--img-size", "30", "--patch-size", "8"], "multiple of --patch-size"),
     (["--device", "tpu"], "--device tpu"),
     (["--lr", "abc"], "invalid float value: 'abc'"),
+    (["--drop-path", "-0.5"], "--drop-path"),
 ])
 def test_bad_arguments_fail_before_data(flags, needle, tmp_path):
     root = tmp_path / "never-built"  # a data load would build the synthetic set here
@@ -318,3 +320,27 @@ def test_steps_per_epoch_follow_the_official_loaders(module, dataset, steps):
     preset = __import__(module).PRESETS[dataset]
     n = 5994 if dataset == "cub" else 1_281_167
     assert common.steps_per_epoch(n, preset["batch_size"], preset["drop_last"]) == steps
+
+
+@pytest.mark.parametrize("script, flags, needle", [
+    ("sat.py", ["--num-sa-blocks", "5"], "--num-sa-blocks 5: must be at most --depth 2"),
+    ("bas.py", ["--beta", "-1"], "--beta -1.0: must be >= 0"),
+    ("dawsol.py", ["--n-samples", "-3"], "--n-samples -3: must be >= 0"),
+    ("scm.py", ["--scm-alpha", "inf"], "--scm-alpha inf: must be a finite number"),
+])
+def test_method_knobs_checked_before_data(script, flags, needle, tmp_path):
+    root = tmp_path / "never-built"
+    one_line_error(cli(script, *tiny(root, tmp_path / "runs", *flags), timeout=60), needle)
+    assert not root.exists()
+
+
+def test_overlay_caption_and_scored_box(tmp_path):
+    from PIL import Image
+    image, scoremap = np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32))
+    common.save_overlay(image, scoremap, [[4, 4, 20, 20]], [[0, 0, 31, 31], [4, 4, 19, 19]], tmp_path / "a.png",
+                        caption="true a | predicted b\ntau 0.100 | IoU 0.88", scored=1)
+    out = np.asarray(Image.open(tmp_path / "a.png"))
+    assert out.shape[0] > 256 and out.shape[1] == 512  # the caption strip under the two 256-px panels
+    assert (out[0, 100] == (255, 165, 0)).all()  # the unscored candidate (whole image) in orange
+    assert (out[4 * 8, 4 * 8 + 20] == (255, 0, 0)).all() and (out[4 * 8 + 1, 4 * 8 + 20] == (255, 0, 0)).all()
+    assert (out[260:, :200] < 128).any()  # text
