@@ -833,8 +833,8 @@ def check_args(args) -> None:
             problems.append(f"{_flag(f.name)} {v}: must be a finite number")
         elif isinstance(v, int | float) and not isinstance(v, bool) and v < 0 and f.name != "seed":
             problems.append(f"{_flag(f.name)} {v}: must be >= 0")
-        elif f.name.startswith("num_") and f.name.endswith("_blocks") and isinstance(v, int) and v > args.depth:
-            problems.append(f"{_flag(f.name)} {v}: must be at most --depth {args.depth}")
+        elif f.name.startswith("num_") and f.name.endswith("_blocks") and isinstance(v, int) and v < 1:
+            problems.append(f"{_flag(f.name)} {v}: must be >= 1 (more than --depth means every block)")
 
     def need(ok: bool, name: str, allowed: str) -> None:
         if not ok:
@@ -981,7 +981,7 @@ def group_means(values: torch.Tensor, group: int) -> torch.Tensor:
     """Means of per-image `values` (B,) over groups of `group` consecutive images of the global batch; 0 = the whole
     global batch, summed over ranks with gradient under torchrun (global_sum). A group > 0 must divide each rank's
     share of the batch (checked at start), so groups never span ranks. -> (G,)"""
-    if group == 0:
+    if not group:  # 0 (or None: an Args built without a preset)
         total = global_sum(torch.stack([values.sum(), values.new_tensor(float(len(values)))]))
         return (total[0] / total[1])[None]
     return torch.stack([chunk.mean() for chunk in values.split(group)])

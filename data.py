@@ -319,11 +319,13 @@ class WSOLDataset(Dataset):
     def __getitems__(self, indices: list[int], finish: bool = True) -> list[dict]:
         """The items of a batch (DataLoader fetches whole batches through this method). In memory or cached, a
         batch's crops, flips and normalisation are a few tensor ops (finish_batch): per-sample calls would cost more
-        than the pixels at 64 px. finish=False leaves the cached uint8 pixels for DeviceBatches to finish on a GPU."""
-        if self.cache is not None:
+        than the pixels at 64 px. finish=False leaves the cached uint8 pixels (views, which collate gathers) for
+        DeviceBatches to finish on the model's device."""
+        if self.cache is not None and not finish:
+            images, sizes = [self.cache[i] for i in indices], [self.sizes[i] for i in indices]  # (3, R, R) or S
+        elif self.cache is not None:
             batch = self.cache.index_select(0, torch.tensor(indices))  # (B, 3, R, R) train, (B, 3, S, S) eval
-            images = self.finish_batch(batch) if finish else batch
-            sizes = [self.sizes[i] for i in indices]
+            images, sizes = self.finish_batch(batch), [self.sizes[i] for i in indices]
         else:
             pils = [load_rgb(self.records[i].path) for i in indices]
             images, sizes = [normalize(self.transform(pil)) for pil in pils], [pil.size for pil in pils]
@@ -370,11 +372,9 @@ def random_crops_flips(batch: torch.Tensor, size: int) -> torch.Tensor:
     device, so a run draws the same crops on CPU and GPU). (B, 3, S, S)"""
     b, _, h, w = batch.shape
     tops, lefts = torch.randint(0, h - size + 1, (b,)).tolist(), torch.randint(0, w - size + 1, (b,)).tolist()
-    flips = [i for i, f in enumerate((torch.rand(b) < 0.5).tolist()) if f]
-    crops = torch.stack([image[:, t:t + size, x:x + size] for image, t, x in zip(batch, tops, lefts, strict=True)])
-    if flips:  # one gather and one scatter for all flipped images (few kernels on a GPU)
-        crops[flips] = crops[flips].flip(-1)
-    return crops
+    flips = (torch.rand(b) < 0.5).tolist()
+    crops = [image[:, t:t + size, x:x + size] for image, t, x in zip(batch, tops, lefts, strict=True)]  # views
+    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips, strict=True)])
 
 
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255

@@ -28,11 +28,12 @@ KEYS = {"GT-known": "test/GT-known Loc@val-Ï„", "BoxAccV2": "test/BoxAccV2@val-Ï
 
 def evaluate(module, saved: dict, checkpoint: str, precision: str, out: str) -> tuple[dict, np.ndarray]:
     """The checkpoint's final metrics under one precision, and its test maps (N, h, w), each min-max normalised."""
-    maps: dict[int, list[np.ndarray]] = {}  # one LocalizationMeter per split: the last one created scores test
+    maps: dict = {}  # meter -> its maps; one LocalizationMeter per split, the last one scores test (the keys keep
+    # every meter alive, so two splits never share an id)
     original = common.LocalizationMeter.update
 
     def spy(self, gt_class_maps, *rest, **kw):
-        maps.setdefault(id(self), []).append(np.stack([common.normalize_scoremap(m)
+        maps.setdefault(self, []).append(np.stack([common.normalize_scoremap(m)
                                                        for m in gt_class_maps.float().numpy()]))
         return original(self, gt_class_maps, *rest, **kw)
 

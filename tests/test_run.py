@@ -226,13 +226,14 @@ def test_ctrl_c_exits_130_with_the_resume_command(tiny_synthetic, tmp_path):
                                                                 "--run-name", "c", "--log-every", "1000")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "c" / "last.pt").exists() and time.time() < deadline:
+    while not (tmp_path / "c" / "metrics.jsonl").exists() and time.time() < deadline:  # an epoch is complete
         time.sleep(0.2)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert f"--resume {tmp_path / 'c' / 'last.pt'}" in err
+    assert "Traceback" not in err, err
+    assert f"--resume {tmp_path / 'c' / 'last.pt'}" in err.strip().splitlines()[-1], err
 
 
 # 9. write faults
@@ -323,7 +324,7 @@ def test_steps_per_epoch_follow_the_official_loaders(module, dataset, steps):
 
 
 @pytest.mark.parametrize("script, flags, needle", [
-    ("sat.py", ["--num-sa-blocks", "5"], "--num-sa-blocks 5: must be at most --depth 2"),
+    ("sat.py", ["--num-sa-blocks", "0"], "--num-sa-blocks 0: must be >= 1"),
     ("bas.py", ["--beta", "-1"], "--beta -1.0: must be >= 0"),
     ("dawsol.py", ["--n-samples", "-3"], "--n-samples -3: must be >= 0"),
     ("scm.py", ["--scm-alpha", "inf"], "--scm-alpha inf: must be a finite number"),
