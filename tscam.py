@@ -17,8 +17,10 @@ What the code does where the paper is silent or says otherwise (README "deviatio
    thresholds on the val split and report the last epoch on test (wsolevaluation), plus the repo's fixed-threshold
    protocol (tau 0.1 CUB / 0.12 ILSVRC, Top-1/Top-5 IoU > 0.5, GT-known >= 0.5) as a second, labelled report.
 5. NOTE(ours) the synthetic preset (64 px, patch 8, width 128, depth 4, from scratch, AdamW 1e-3 with warmup and
-   cosine, grad clip 1) is ours: ../shared/specs/synthetic_demo.md records why. 6 epochs (936 steps) fit 5 minutes
+   cosine, grad clip 1) is ours: ../shared/specs/synthetic_demo.md records why. 6 epochs (942 steps) fit 5 minutes
    on our 2-core CPU (about 225 img/s); longer runs localize better (that prototype: 80 % GT-known at 2,200 steps).
+6. NOTE(ours) on CUDA --precision auto trains and evaluates under bf16 autocast (the repo: fp32, = --precision fp32);
+   the README measures what it moves. Every method file shares this default.
 """
 
 from __future__ import annotations
