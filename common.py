@@ -928,6 +928,13 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def close_distributed() -> None:
+    """Leave the process group once every rank is done (a rank exiting with its group alive can abort)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     if world()[1] == 1:
@@ -1363,6 +1370,7 @@ def cli(main, args_cls: type) -> None:
     script = Path(sys.argv[0]).name
     try:
         main(parse_args(args_cls, sys.argv[1:]))
+        close_distributed()
     except KeyboardInterrupt:
         run = Run.current
         if run is not None and run.dir is not None and run.epoch_done and (run.dir / "last.pt").exists():

@@ -36,7 +36,7 @@ def main(method: str, out: str, extra: list[str]) -> None:
     module.train_one_epoch(model, loader, optimizer, args, 1, device, progress)  # epoch 1: DA-WSOL's DAL is on
     if rank == 0:
         torch.save({"before": before, "after": model.state_dict()}, out)
-    common.barrier()
+    common.close_distributed()
 
 
 if __name__ == "__main__":
