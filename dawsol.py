@@ -284,7 +284,8 @@ def load_deit_weights(vit: VisionTransformer, path: str) -> None:
             raise SystemExit(f"error: cannot fetch the DeiT weights from {url} ({type(e).__name__}: {e})."
                              " Download that file and pass --pretrained PATH, or use --pretrained none") from None
     elif not Path(path).is_file():
-        raise SystemExit(f"error: --pretrained {path}: no such file. DeiT weights: {url or DEIT_ARCHS['deit_small'][3]}")
+        raise SystemExit(f"error: --pretrained {path}: no such file. DeiT weights: "
+                         f"{url or DEIT_ARCHS['deit_small'][3]}")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

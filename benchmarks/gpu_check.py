@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model  # noqa: E402
+
 import common  # noqa: E402
 import data  # noqa: E402
 

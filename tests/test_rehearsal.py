@@ -95,7 +95,8 @@ def ilsvrc_root(tmp_path_factory, jpegs) -> Path:
         write_lines(meta / "image_ids.txt", ids)
         write_lines(meta / "class_labels.txt", [f"{rel},{k % 2}" for k, rel in enumerate(ids)])
         if split != "train":
-            write_lines(meta / "image_sizes.txt", [f"{r},{im.size[0]},{im.size[1]}" for r, (im, _) in zip(ids, images)])
+            sizes = [f"{r},{im.size[0]},{im.size[1]}" for r, (im, _) in zip(ids, images, strict=True)]
+            write_lines(meta / "image_sizes.txt", sizes)
             write_lines(meta / "localization.txt", [f"{r},{x0},{y0},{x1},{y1}" for r, (_, (x0, y0, x1, y1)) in
                                                     zip(ids, images, strict=True)])
     return root
