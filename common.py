@@ -3,8 +3,9 @@
 Metrics  clovaai/wsolevaluation (Choe et al., CVPR 2020 / TPAMI): MaxBoxAcc, MaxBoxAccV2, GT-known / Top-1 / Top-5 Loc,
          PxAP, re-implemented without OpenCV (see ../shared/specs/metrics_data.md for every convention and its source).
 Repos    the method repos' own fixed-threshold protocols, as a second, labelled report (spec §5).
-Utils    seeding, device choice, atomic checkpoints and result files, the Args -> argparse helper, progress lines,
-         overlay pictures.
+Utils    seeding, device choice, atomic checkpoints and result files, the Args -> argparse helper and its checks,
+         progress lines, overlay pictures, torchrun (DDP) helpers, and Run: the start / epoch / finish bookkeeping
+         every method's main() shares.
 Boxes are inclusive (x0, y0, x1, y1) pixels of the score map's frame everywhere.
 """
 
@@ -1213,7 +1214,7 @@ class Run:
         ...                                          # data (data.load_splits), model, optimizer
         run.start(model, optimizer, load_deit_weights, len(splits["train"]))   # weights; the run folder appears
         for epoch in run.epochs():                   # train, then run.end_epoch(epoch, stats)
-        return run.finish(val, test)                 # report, metrics.json
+        return run.finish(val, test, maps)           # headline + report (naming the map), metrics.json
 
     The run folder is created only once data, model and weights have loaded, exclusively; --resume continues in the
     checkpoint's own folder unless --out-dir / --run-name are given, dropping rows of epochs after the checkpoint.
