@@ -1207,6 +1207,19 @@ def steps_per_epoch(num_images: int, batch_size: int, drop_last: bool, processes
     return full + (not drop_last and rest >= processes)
 
 
+# The synthetic presets' backbone: pretrain.py's DeiT-format checkpoint (committed; `python pretrain.py` rebuilds it)
+SYNTHETIC_DEIT = str(Path(__file__).resolve().parent / "weights" / "synthetic_deit.pth")
+
+
+def check_pretrained(path: str) -> None:
+    """Before any data loads: the synthetic backbone or a --pretrained file must exist (load_deit_weights reads it)."""
+    if path == SYNTHETIC_DEIT and not Path(path).is_file():
+        raise SystemExit(f"error: the synthetic backbone {path} is missing: rebuild it with `python pretrain.py` "
+                         "(about 12 min on 2 CPU cores), or train from scratch with --pretrained none")
+    if path not in ("none", "deit") and not Path(path).is_file():
+        raise SystemExit(f"error: --pretrained {path}: no such file (a DeiT checkpoint, 'deit' or 'none')")
+
+
 class Run:
     """The bookkeeping every method's main() shares, so that each file shows only what its method adds:
 
@@ -1230,6 +1243,8 @@ class Run:
         self.resumed = resume_args(args, method)
         apply_preset(args, presets)
         check_args(args)
+        if not (args.resume or args.eval_only):
+            check_pretrained(args.pretrained)
         self.device = init_distributed(args.device)
         self.rank, self.world = world()
         seed_everything(args.seed, args.deterministic)  # every rank builds the same initial model

@@ -675,7 +675,7 @@ def get_dataset(name: str, split: str, img_size: int, root: str | None = None, m
 
 
 # %% 5. The synthetic set (synthetic_demo.md): generator, on-disk cache, trivial baselines
-SYNTH_VERSION = 1  # bump when the generator changes: cached sets of another version are rebuilt
+SYNTH_VERSION = 2  # bump when the generator changes: cached sets of another version are rebuilt
 SYNTH_SEED = 0
 SYNTH_CLASSES = (("circle", "stripes"), ("square", "checker"), ("triangle", "dots"), ("star", "rings"),
                  ("cross", "solid"), ("ring", "grid"), ("hexagon", "zigzag"), ("crescent", "spokes"),
@@ -717,12 +717,14 @@ TEXTURES = {  # two-tone patterns of object coordinates in periods (fp, fq), so 
 }
 
 
-def generate(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate(n: int, size: int, rng: np.random.Generator, classes=SYNTH_CLASSES
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n images: (n, S, S, 3) uint8, labels (n,) balanced over the classes, object masks (n, S, S) bool.
+    `classes`: (shape, texture) pairs; class k has the hue k / len(classes) (pretrain.py passes its own 90 pairs).
     Object: class shape x texture x two shades of the class hue; box area log-uniform in 5-50 % of the image,
     aspect 0.6-1.6, any rotation, uniform position with up to 30 % of the half-extent past the border.
     Background: smooth colour noise, 3-8 distractors (polygons, ellipses, strokes) in random colours, then grain."""
-    labels = rng.permutation(np.arange(n) % len(SYNTH_CLASSES))
+    labels = rng.permutation(np.arange(n) % len(classes))
     images, masks = np.zeros((n, size, size, 3), np.uint8), np.zeros((n, size, size), bool)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres; float32 keeps generation fast
     knots = 4  # background smoothness: a 4 x 4 grid of random colours, bilinearly interpolated
@@ -743,11 +745,11 @@ def generate(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, n
         p, q = dx * cos[:, None, None] + dy * sin[:, None, None], -dx * sin[:, None, None] + dy * cos[:, None, None]
         period = rng.uniform(size / 14, size / 8, (m, 1, 1)).astype(np.float32)
         inside, pattern = np.zeros((m, size, size), bool), np.zeros((m, size, size), bool)
-        for k, (shape, tex) in enumerate(SYNTH_CLASSES):
+        for k, (shape, tex) in enumerate(classes):
             idx = lab == k
             inside[idx] = SHAPES[shape](p[idx] / half_w[idx, None, None], q[idx] / half_h[idx, None, None])
             pattern[idx] = TEXTURES[tex](p[idx] / period[idx], q[idx] / period[idx], rng)
-        hue = (lab / len(SYNTH_CLASSES) + rng.uniform(-0.02, 0.02, m)) % 1
+        hue = (lab / len(classes) + rng.uniform(-0.02, 0.02, m)) % 1
         sat, val = rng.uniform(0.6, 1.0, m), rng.uniform(0.7, 1.0, m)
         dark = rng.uniform(0.4, 0.65, (m, 1))  # the second shade is the first, darkened
         light = np.array([colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hue, sat, val, strict=True)]) * 255
@@ -835,8 +837,8 @@ def write_synthetic(root: Path, seed: int, n_train: int, n_val: int, n_test: int
         (root / "metadata" / "val" / f"{key}.txt").write_text("\n".join(lines))
 
 
-def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_000, n_val: int = 500,
-                    n_test: int = 500, size: int = 64) -> Path:
+def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_000, n_val: int = 2_000,
+                    n_test: int = 2_000, size: int = 64) -> Path:
     """Generate the set into a temporary folder next to root and move it into place only when complete;
     synthetic.json (version, seed, sizes) is written last. An existing set at root is replaced."""
     root = Path(root)
@@ -932,7 +934,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=SYNTH_SEED, help="generator seed")
     args = parser.parse_args()
     start = time.perf_counter()
-    ensure_synthetic(args.out, seed=args.seed, n_train=10_000, n_val=500, n_test=500, size=64)
+    ensure_synthetic(args.out, seed=args.seed, n_train=10_000, n_val=2_000, n_test=2_000, size=64)
     print(f"synthetic set at {args.out} ready in {time.perf_counter() - start:.1f} s")
     for key, value in synthetic_baselines(args.out).items():
         print(f"  {key:22s} {value:6.1f}" + (" % GT-known (test)" if key != "best_square_side" else " px"))

@@ -3,19 +3,26 @@
     python benchmarks/seeds.py --config tscam="tscam.py" --config scm="scm.py" --seeds 26 27 28 --baseline tscam
     python benchmarks/seeds.py --config batched="dawsol.py --tsa-mode batched" \
         --config sequential="dawsol.py --tsa-mode sequential" --baseline batched
+    python benchmarks/seeds.py --config S="tscam.py --eval-only --checkpoint runs/seeds/tscam__s{seed}/last.pt \
+        --map semantic" --seeds 27 28 29      # {seed} in a configuration is replaced by each seed
 
-Each configuration is `name="<method>.py [flags]"`; each (name, seed) runs once, sequentially (time one thing at a
-time on a small CPU), as `python <method>.py <flags> --seed S --out-dir OUT --run-name <name>__s<S>`. A finished run
-(its metrics.json exists) is not run again, so an interrupted sweep continues where it stopped. The table reads the
-test split with thresholds chosen on val (wsolevaluation): GT-known Loc, BoxAccV2 (MaxBoxAccV2 at val-τ) and PxAP.
-Intervals: Student t with n - 1 degrees of freedom over seeds (not over images); paired differences are per seed.
+Each configuration is `name="<method>.py [flags]"`; each (name, seed) runs once as
+`python <method>.py <flags> --seed S --out-dir OUT --run-name <name>__s<S>`. A finished run (its metrics.json exists)
+is not run again, so an interrupted sweep continues where it stopped. --jobs 2 runs two at a time with --threads
+each (on 2 cores, two 1-thread runs finish sooner than one 2-thread run after another; the wall column is then not
+a timing). The table reads the test split with thresholds chosen on val (wsolevaluation): GT-known Loc, BoxAccV2
+(MaxBoxAccV2 at val-τ), BoxAcc@70 at val-τ, PxAP, Cls@1. `--split val` reads the val split instead (each metric at
+its best threshold on val itself): the split presets and designs are chosen on. Intervals: Student t with n - 1
+degrees of freedom over seeds (not over images); paired differences are per seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -23,8 +30,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = {"GT-known": "test/GT-known Loc@val-τ", "BoxAccV2": "test/BoxAccV2@val-τ", "PxAP": "test/PxAP",
-           "Cls@1": "test/Cls@1"}
+SPLITS = {  # the columns of the table, per split
+    "test": {"GT-known": "test/GT-known Loc@val-τ", "BoxAccV2": "test/BoxAccV2@val-τ",
+             "BoxAcc@70": "test/BoxAcc@70@val-τ", "PxAP": "test/PxAP", "Cls@1": "test/Cls@1"},
+    "val": {"GT-known": "val/GT-known Loc", "BoxAccV2": "val/MaxBoxAccV2", "BoxAcc@70": "val/MaxBoxAcc@70",
+            "PxAP": "val/PxAP", "Cls@1": "val/Cls@1"},
+}
+METRICS = SPLITS["test"]
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086]  # two-sided 95 % Student t quantiles for 1..20 degrees of freedom
 
@@ -39,10 +51,10 @@ def stats(values: list[float]) -> tuple[float, float, float]:
     return mean, std, T975[min(n - 1, len(T975)) - 1] * std / math.sqrt(n)
 
 
-def run_one(name: str, command: str, seed: int, out: Path) -> dict:
+def run_one(name: str, command: str, seed: int, out: Path, threads: int | None = None) -> dict:
     run = out / f"{name}__s{seed}"
     if not (run / "metrics.json").is_file():
-        script, *flags = shlex.split(command)
+        script, *flags = shlex.split(command.replace("{seed}", str(seed)))  # {seed}: e.g. each seed's checkpoint
         cmd = [sys.executable, script, *flags, "--seed", str(seed), "--out-dir", str(out), "--run-name", run.name]
         print(f"$ {shlex.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
@@ -50,11 +62,18 @@ def run_one(name: str, command: str, seed: int, out: Path) -> dict:
             cmd = [sys.executable, script, "--resume", str(run / "last.pt")] if (run / "last.pt").is_file() else None
             if cmd is None:
                 raise SystemExit(f"error: {run} exists without last.pt or metrics.json; move it away to rerun it")
-        result = subprocess.run(cmd, cwd=ROOT)
+        env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        log = out / f"{run.name}.log"  # the run's own output; a failing run's error is at its end
+        out.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         if result.returncode:
-            raise SystemExit(f"error: {name} seed {seed} failed (exit {result.returncode})")
+            tail = "".join(log.read_text().splitlines(True)[-5:])
+            raise SystemExit(f"error: {name} seed {seed} failed (exit {result.returncode}); end of {log}:\n{tail}")
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["wall_s"] = time.perf_counter() - t0
+        print(f"  {run.name}: val GT-known {metrics.get('val/GT-known Loc', math.nan):.1f}, "
+              f"{metrics['wall_s'] / 60:.1f} min", flush=True)
         (run / "seeds_wall.json").write_text(json.dumps({"wall_s": metrics["wall_s"]}))
         return metrics
     metrics = json.loads((run / "metrics.json").read_text())
@@ -63,14 +82,14 @@ def run_one(name: str, command: str, seed: int, out: Path) -> dict:
     return metrics
 
 
-def table(results: dict[str, dict[int, dict]], baseline: str | None) -> str:
-    seeds = sorted(next(iter(results.values())))
-    lines = [f"seeds {' '.join(map(str, seeds))} (n = {len(seeds)}); test split, τ chosen on val; "
-             "mean ± std [95 % interval half-width]", "",
-             "| config | " + " | ".join(METRICS) + " | wall (min) |", "|---" * (len(METRICS) + 2) + "|"]
+def table(results: dict[str, dict[int, dict]], baseline: str | None, split: str = "test") -> str:
+    seeds, metrics = sorted(next(iter(results.values()))), SPLITS[split]
+    where = "test split, τ chosen on val" if split == "test" else "val split, each metric at its best τ on val"
+    lines = [f"seeds {' '.join(map(str, seeds))} (n = {len(seeds)}); {where}; mean ± std [95 % interval half-width]",
+             "", "| config | " + " | ".join(metrics) + " | wall (min) |", "|---" * (len(metrics) + 2) + "|"]
     for name, runs in results.items():
         cells = []
-        for key in METRICS.values():
+        for key in metrics.values():
             mean, std, half = stats([runs[s][key] for s in seeds])
             cells.append(f"{mean:.1f} ± {std:.1f} [±{half:.1f}]")
         walls = [runs[s]["wall_s"] / 60 for s in seeds if math.isfinite(runs[s]["wall_s"])]
@@ -78,17 +97,17 @@ def table(results: dict[str, dict[int, dict]], baseline: str | None) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if baseline:
         lines += ["", f"paired differences vs {baseline} (same seeds): mean [95 % interval]", "",
-                  "| config | " + " | ".join(METRICS) + " | per-seed GT-known differences |",
-                  "|---" * (len(METRICS) + 2) + "|"]
+                  "| config | " + " | ".join(metrics) + " | per-seed GT-known differences |",
+                  "|---" * (len(metrics) + 2) + "|"]
         for name, runs in results.items():
             if name == baseline:
                 continue
             cells = []
-            for key in METRICS.values():
+            for key in metrics.values():
                 diffs = [runs[s][key] - results[baseline][s][key] for s in seeds]
                 mean, _, half = stats(diffs)
                 cells.append(f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]")
-            per_seed = [runs[s][METRICS["GT-known"]] - results[baseline][s][METRICS["GT-known"]] for s in seeds]
+            per_seed = [runs[s][metrics["GT-known"]] - results[baseline][s][metrics["GT-known"]] for s in seeds]
             lines.append(f"| {name} | " + " | ".join(cells) + " | " + " ".join(f"{d:+.1f}" for d in per_seed) + " |")
     return "\n".join(lines)
 
@@ -100,7 +119,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[26, 27, 28], help="seeds (default: 26 27 28)")
     parser.add_argument("--baseline", default=None, help="the configuration the paired differences are taken against")
     parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go (default: runs/seeds)")
+    parser.add_argument("--split", choices=list(SPLITS), default="test",
+                        help="test (τ chosen on val; the reported numbers) or val (for choosing presets)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: time one thing at a time)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of each run (default: torch's choice; with --jobs 2 on 2 cores, 1)")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be >= 1")
     configs = {}
     for item in args.config:
         name, sep, command = item.partition("=")
@@ -110,8 +136,12 @@ def main(argv: list[str] | None = None) -> str:
     if args.baseline and args.baseline not in configs:
         parser.error(f"--baseline {args.baseline!r} is not one of the configurations {list(configs)}")
     out = Path(args.out_dir)
-    results = {name: {s: run_one(name, command, s, out) for s in args.seeds} for name, command in configs.items()}
-    text = table(results, args.baseline)
+    threads = args.threads or (1 if args.jobs > 1 else None)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
+        futures = {(name, s): pool.submit(run_one, name, command, s, out, threads)
+                   for name, command in configs.items() for s in args.seeds}
+        results = {name: {s: futures[name, s].result() for s in args.seeds} for name in configs}
+    text = table(results, args.baseline, args.split)
     print(text, flush=True)
     return text
 

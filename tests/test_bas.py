@@ -152,6 +152,8 @@ def test_loss_terms_by_hand():
     assert parts["bas"] == pytest.approx(ratio) and parts["area"] == pytest.approx(area)
     assert loss.item() == pytest.approx(cls + 0.5 * frg + ratio + 1.5 * area)
     assert parts["S"] == pytest.approx(1.5) and parts["S_bg"] == pytest.approx(0.1) and parts["bg_above_fg"] == 0.0
+    ablated, _ = bas.compute_loss(out, labels, bas.Args(alpha=0.5, beta=1.5, lambda_bas=0.0))  # --lambda-bas 0
+    assert ablated.item() == pytest.approx(cls + 0.5 * frg + 1.5 * area)
 
 
 def test_constant_branch_by_hand():

@@ -153,7 +153,7 @@ def test_bad_arguments_fail_before_data(flags, needle, tmp_path):
 
 def test_help_shows_presets_not_none():
     out = cli("tscam.py", "--help").stdout
-    assert "(default: None)" not in out and "None}" not in out and "preset: synthetic 6, cub 60, ilsvrc 20" in out
+    assert "(default: None)" not in out and "None}" not in out and "preset: synthetic 3, cub 60, ilsvrc 20" in out
     assert out.count("(default:") >= 5
 
 
