@@ -506,6 +506,7 @@ class DeviceBatches:
             yield batch
 
 
+@functools.cache  # once per process: DeviceBatches is built for every epoch
 def keep_large_blocks() -> None:
     """On glibc, let freed blocks up to 1 GiB return to the heap instead of to the OS. By default every block over
     32 MiB is mapped afresh and page-faulted in again: for a 224-px batch of 64 (38 MB of float32) that took 13 of the
