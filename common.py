@@ -1394,7 +1394,10 @@ def cli(main, args_cls: type) -> None:
                   f"{script} --resume {run.dir / 'last.pt'}", file=sys.stderr, flush=True)
         else:
             print("\ninterrupted before the first epoch was saved; nothing to resume", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        sys.stdout.flush()
+        # exit without interpreter teardown: an interrupted torch op's C++ state can be destroyed after stdout is
+        # closed and abort the process (exit -6 seen in CI); every file on disk is already complete (atomic writes)
+        os._exit(130)
 
 
 class Progress:
