@@ -81,7 +81,7 @@ class Args:
     num_workers: str = field(default="auto", metadata={
         "help": "DataLoader workers, or auto: 0 for in-memory / cached sets, else min(8, CPUs - 1) per GPU"})
     cache: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "decoded pixels in data/cache/ "
-        "(one memory-mapped .npy per split); auto = on when a split's array is <= 8 GiB and <= half the free disk"})
+        "(a .npy per split; a speed switch: the same run on or off); auto = on when <= 8 GiB and half the free disk"})
     drop_last: bool | None = field(default=None, metadata={
         "help": "drop each epoch's last partial batch (NOTE(code): official loaders keep it but SAT's ILSVRC one)"})
     out_dir: str = field(default="runs", metadata={"help": "runs/<data>__bas__<seed>__<time>/ goes here"})
@@ -560,7 +560,7 @@ def main(args: Args) -> dict[str, float]:
     splits = data.load_splits(args)  # every image checked before training
     model = BAS(args, splits["train"].num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr, eps=1e-8)
-    run.start(model, optimizer, load_deit_weights, len(splits["train"]))  # the generator and head keep their init
+    run.start(model, optimizer, load_deit_weights, splits)  # the generator and head keep their init
     for epoch in run.epochs():
         loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,
                                   args.drop_last, device)

@@ -15,10 +15,12 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -955,6 +957,15 @@ def all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def broadcast_model(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers copied into every rank's model, in place: equal start states by
+    construction, not by equal seeds alone."""
+    if world()[1] > 1:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                torch.distributed.broadcast(t, 0)
+
+
 def gather_cat(t: torch.Tensor) -> torch.Tensor:
     """The global batch's rows of a per-rank tensor (rank order; shards may differ in length). No gradient."""
     if world()[1] == 1:
@@ -1036,6 +1047,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Every random generator as it was before the block, whatever the block drew (data.load_splits: building a set
+    or a cache must not move the run's seeds)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -1074,8 +1096,11 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint`; a missing or damaged file is a clear error naming it."""
+    """Load a checkpoint written by `save_checkpoint`; a missing, damaged or foreign file is a clear error naming it
+    (a DeiT backbone says it belongs to --pretrained)."""
     path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: checkpoint {path} is a folder; give the file in it (a run folder holds last.pt)")
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
@@ -1084,6 +1109,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise SystemExit(f"error: {path} is not a nanoWSOL checkpoint (a dict with the model's state under 'model')")
+    if "method" not in state and "patch_embed.proj.weight" in state["model"]:
+        raise SystemExit(f"error: {path} is a DeiT backbone (ViT weights without a WSOL head), not a nanoWSOL run's "
+                         f"checkpoint: start a run from it with --pretrained {path}")
     return state
 
 
@@ -1140,8 +1168,10 @@ def make_run_dir(out_dir: str, data: str, method: str, seed: int, name: str | No
 
 # Flags that may differ from the saved run on --resume without changing its numbers (or, for --epochs, on purpose:
 # raising it extends the run; with the cosine schedule the LR curve then differs from a run started that long).
+# --cache is a speed switch (the same batches either way); --data-root / --metadata-root may name the same data
+# moved elsewhere: Run.start checks that it is the run's own (the same image lists).
 RESUME_MAY_CHANGE = ("resume", "device", "num_workers", "log_every", "num_overlays", "epochs", "out_dir", "run_name",
-                     "cache")
+                     "cache", "data_root", "metadata_root")
 ARCH_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "heads")
 
 
@@ -1169,6 +1199,11 @@ def _load_model(path, model: torch.nn.Module, weights: dict) -> None:
         raise SystemExit(f"error: {path} does not fit this model: " + "; ".join(lines[:4])) from None
 
 
+def same(a, b) -> bool:
+    """Equal flag values; tuples come back from JSON / pickle as lists."""
+    return (list(a) if isinstance(a, tuple | list) else a) == (list(b) if isinstance(b, tuple | list) else b)
+
+
 def resume_args(args, method: str) -> dict | None:
     """--resume: the saved run's arguments become this run's (the checkpoint records them); a flag given explicitly
     with another value is an error listing every difference, except RESUME_MAY_CHANGE. Returns the checkpoint."""
@@ -1182,9 +1217,6 @@ def resume_args(args, method: str) -> dict | None:
     if not isinstance(saved, dict):
         raise SystemExit(f"error: --resume {args.resume} records no run arguments, so it cannot be continued")
     defaults = type(args)()
-    def same(a, b) -> bool:  # tuples come back from JSON / pickle as lists
-        return (list(a) if isinstance(a, tuple | list) else a) == (list(b) if isinstance(b, tuple | list) else b)
-
     differ = [f"{_flag(f.name)}: saved {_shown(saved[f.name])}, given {_shown(getattr(args, f.name))}"
               for f in dataclasses.fields(args) if f.name in saved and f.name not in RESUME_MAY_CHANGE
               and not same(getattr(args, f.name), getattr(defaults, f.name))
@@ -1220,12 +1252,55 @@ def check_pretrained(path: str) -> None:
         raise SystemExit(f"error: --pretrained {path}: no such file (a DeiT checkpoint, 'deit' or 'none')")
 
 
+def _own_folder(resume: str, saved: dict, out_dir: str) -> tuple[bool, str | None]:
+    """Whether --resume may continue in the checkpoint's folder: only when that folder's args.json is this run's
+    (a last.pt copied next to another run's files must not overwrite them). Else a note: a new folder is used."""
+    folder = Path(resume).resolve().parent
+    try:
+        theirs = json.loads((folder / "args.json").read_text())
+    except (OSError, ValueError):
+        theirs = None
+    if isinstance(theirs, dict) and all(same(theirs.get(k), v) for k, v in saved.items()
+                                        if k not in RESUME_MAY_CHANGE):
+        return True, None
+    why = "has no readable args.json" if theirs is None else "holds another run's args.json"
+    return False, (f"note: {folder} {why}, so it is not the folder of the run in {Path(resume).name}: nothing there "
+                   f"is changed; the run continues in a new folder under {out_dir}")
+
+
+def data_identity(args, splits: dict) -> dict:
+    """What identifies the data a run trains and is scored on (recorded in every checkpoint): the absolute data root
+    and, per split, the number of images and a digest of their paths (under the root) and labels."""
+    root = str(args.data_root)
+    out: dict = {"root": root}
+    for name, ds in splits.items():
+        if ds is None:
+            out[name] = None
+            continue
+        h = hashlib.sha256()
+        for r in ds.records:
+            path = str(r.path)
+            h.update(f"{path[len(root):] if path.startswith(root) else path}|{r.label};".encode())
+        out[name] = {"images": len(ds), "digest": h.hexdigest()[:16]}
+    return out
+
+
+def _check_same_data(resume: str, saved: dict, now: dict) -> None:
+    """--resume continues on the data the run trained on, or stops (a moved root with the same images is fine)."""
+    if any(saved.get(k) != now.get(k) for k in ("train", "val", "test")):
+        def show(d: dict) -> str:
+            return ", ".join(f"{d[k]['images'] if d.get(k) else 0} {k}" for k in ("train", "val", "test"))
+        raise SystemExit(f"error: --resume {resume} trained on {saved['root']} ({show(saved)} images), but this "
+                         f"run loaded {now['root']} ({show(now)} images, or other files): give --data-root with the "
+                         "run's data, or start a new run")
+
+
 class Run:
     """The bookkeeping every method's main() shares, so that each file shows only what its method adds:
 
         run = common.Run(args, "tscam", PRESETS)     # --resume's saved args, presets, checks, seed; nothing written
         ...                                          # data (data.load_splits), model, optimizer
-        run.start(model, optimizer, load_deit_weights, len(splits["train"]))   # weights; the run folder appears
+        run.start(model, optimizer, load_deit_weights, splits)   # weights, data check; the run folder appears
         for epoch in run.epochs():                   # train, then run.end_epoch(epoch, stats)
         return run.finish(val, test, maps)           # headline + report (naming the map), metrics.json
 
@@ -1239,8 +1314,13 @@ class Run:
     def __init__(self, args, method: str, presets: dict[str, dict]):
         self.args, self.method = args, method
         default = type(args)()  # --resume without --out-dir / --run-name continues in the checkpoint's folder
-        self.own_folder = bool(args.resume) and args.out_dir == default.out_dir and args.run_name is None
+        in_place = bool(args.resume) and args.out_dir == default.out_dir and args.run_name is None
         self.resumed = resume_args(args, method)
+        self.own_folder, self.note = False, None
+        if in_place:
+            self.own_folder, self.note = _own_folder(args.resume, self.resumed["args"], default.out_dir)
+            if not self.own_folder:
+                args.out_dir, args.run_name = default.out_dir, None
         apply_preset(args, presets)
         check_args(args)
         if not (args.resume or args.eval_only):
@@ -1250,12 +1330,16 @@ class Run:
         seed_everything(args.seed, args.deterministic)  # every rank builds the same initial model
         if args.eval_only and not args.checkpoint:
             raise SystemExit("error: --eval-only needs --checkpoint PATH")
+        self.evaluated = load_checkpoint(args.checkpoint) if args.eval_only else None  # read before any data
         self.dir: Path | None = None
         self.start_epoch, self.epoch_done, self.progress = 0, 0, None
 
-    def start(self, model: torch.nn.Module, optimizer, load_pretrained, num_train: int) -> None:
+    def start(self, model: torch.nn.Module, optimizer, load_pretrained, splits: dict) -> None:
         args = self.args
         self.model, self.optimizer = model, optimizer
+        num_train, self.data = len(splits["train"]), data_identity(args, splits)
+        if self.resumed is not None and "data" in self.resumed:
+            _check_same_data(args.resume, self.resumed["data"], self.data)
         self.arch = {k: getattr(args, k) for k in ARCH_FIELDS} | {"num_classes": self._num_classes(model)}
         if self.rank:  # other ranks draw their own crops, flips and drop-path masks; rank 0 is the one-process run
             seed_everything(args.seed + 1000 * self.rank, args.deterministic)
@@ -1267,12 +1351,13 @@ class Run:
             set_rng_state(ranks[self.rank] if len(ranks) == self.world else self.resumed["rng"])
             self.start_epoch = self.epoch_done = self.resumed["epoch"]
         elif args.eval_only:
-            state = load_checkpoint(args.checkpoint)
+            state = self.evaluated
             _check_fits(args.checkpoint, state, self.method, self.arch)
             _load_model(args.checkpoint, model, state["model"])
             self.epoch_done = state.get("epoch", 0)
         elif args.pretrained != "none":
             load_pretrained(model.vit, args.pretrained)
+        broadcast_model(model)  # torchrun: rank 0's start state on every rank, whatever each rank drew before
         self.steps = steps_per_epoch(num_train, args.batch_size, args.drop_last, self.world)
         self.total_epochs = 0 if args.eval_only else args.epochs
         if self.total_epochs > self.start_epoch and self.steps == 0:
@@ -1283,6 +1368,8 @@ class Run:
         Run.current = self
         verb = f"resumed {args.resume} at epoch {self.start_epoch}" if self.resumed is not None else "run"
         device = f"{self.device}{f' x {self.world} processes' if self.world > 1 else ''}"
+        if self.note:
+            self.print(self.note, flush=True)
         self.print(f"{verb} | folder {self.dir} | device {device} ({precision_name(self.device, args.precision)}) | "
                    f"data {args.data} | {self.steps} steps/epoch", flush=True)
         self.progress = Progress(self.total_epochs * self.steps, args.log_every, self.start_epoch * self.steps,
@@ -1334,7 +1421,8 @@ class Run:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "epoch": epoch + 1, "rng": rngs[0], "args": dataclasses.asdict(self.args),
-                         "method": self.method, "arch": self.arch} | ({"rng_ranks": rngs} if self.world > 1 else {}),
+                         "method": self.method, "arch": self.arch, "data": self.data}
+                        | ({"rng_ranks": rngs} if self.world > 1 else {}),
                         self.dir / "last.pt")
         append_jsonl(self.dir / "metrics.jsonl", row)  # after the checkpoint: a row always has its epoch saved
 
@@ -1380,24 +1468,42 @@ def check_finite(loss: torch.Tensor, parts: dict, epoch: int, step: int, grad_no
                      f"nothing of this epoch was saved{kept}. Try a lower --lr or --grad-clip")
 
 
+class Terminated(BaseException):
+    """SIGTERM (timeout, Slurm, Kubernetes, docker stop) raised where the main thread is, so that every `finally`
+    (temporary files of a set or cache build, atomic writes) runs as for Ctrl-C."""
+
+
+_TERMINATED: list[int] = []  # set by the handler: a DataLoader worker killed by the same signal may surface first
+
+
+def _on_sigterm(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated
+
+
 def cli(main, args_cls: type) -> None:
-    """`python <method>.py ...`: parse, run; Ctrl-C exits 130 with one line saying where the last complete epoch is
-    and the exact command that continues it."""
+    """`python <method>.py ...`: parse, run. Ctrl-C exits 130 and SIGTERM 143, with one line saying where the last
+    complete epoch is and the exact command that continues it; neither leaves a temporary file."""
     script = Path(sys.argv[0]).name
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(parse_args(args_cls, sys.argv[1:]))
         close_distributed()
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt | Terminated) or _TERMINATED):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this message short
+        what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
         run = Run.current
         if run is not None and run.dir is not None and run.epoch_done and (run.dir / "last.pt").exists():
-            print(f"\ninterrupted: epoch {run.epoch_done} is saved in {run.dir / 'last.pt'}; continue with: python "
+            print(f"\n{what}: epoch {run.epoch_done} is saved in {run.dir / 'last.pt'}; continue with: python "
                   f"{script} --resume {run.dir / 'last.pt'}", file=sys.stderr, flush=True)
         else:
-            print("\ninterrupted before the first epoch was saved; nothing to resume", file=sys.stderr, flush=True)
+            print(f"\n{what} before the first epoch was saved; nothing to resume", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # exit without interpreter teardown: an interrupted torch op's C++ state can be destroyed after stdout is
         # closed and abort the process (exit -6 seen in CI); every file on disk is already complete (atomic writes)
-        os._exit(130)
+        os._exit(143 if _TERMINATED else 130)
 
 
 class Progress:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -72,11 +73,20 @@ class MissingSplit(DataError):
     """A split's whole metadata folder is absent (e.g. CUB-200-2011 downloaded without wsolevaluation's CUBV2)."""
 
 
-def read_table(path: Path, types: tuple[type, ...], sep: str | None = None) -> list[tuple]:
-    """Rows of a metadata file, each field converted by `types`; a malformed line raises DataError naming file:line."""
+def finite(text: str) -> float:
+    """float() for coordinates: nan and inf are refused (a nan box becomes INT64_MIN later and counts as a hit)."""
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def read_table(path: Path, types: tuple, sep: str | None = None, unique: bool = False) -> list[tuple]:
+    """Rows of a metadata file, each field converted by `types`; a malformed line raises DataError naming file:line.
+    unique: the first field is an id listed once; a repeat raises DataError naming both lines (never last-wins)."""
     if not path.is_file():
         raise DataError(f"missing metadata file {path}")
-    rows = []
+    rows, first_line = [], {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -87,6 +97,9 @@ def read_table(path: Path, types: tuple[type, ...], sep: str | None = None) -> l
             rows.append(tuple(t(f.strip()) for t, f in zip(types, fields, strict=True)))
         except ValueError as e:
             raise DataError(f"{path}:{n}: malformed line {line!r} ({e})") from None
+        if unique and (m := first_line.setdefault(rows[-1][0], n)) != n:
+            raise DataError(f"{path}:{n}: id {rows[-1][0]!r} is listed twice, on lines {m} and {n} (each id must "
+                            "appear once)")
     return rows
 
 
@@ -205,14 +218,14 @@ def metadata_dir(root: Path, metadata_root: str | None, key: str, split: str, re
 
 def parse_wsoleval(meta: Path, image_dir: Path, mask_dir: Path, localization: str | None) -> list[Record]:
     """One split in wsolevaluation's metadata form (§4.3); localization is "boxes", "masks" or None."""
-    ids = [r[0] for r in read_table(meta / "image_ids.txt", (str,), ",")]
-    labels = dict(read_table(meta / "class_labels.txt", (str, int), ","))
+    ids = [r[0] for r in read_table(meta / "image_ids.txt", (str,), ",", unique=True)]
+    labels = dict(read_table(meta / "class_labels.txt", (str, int), ",", unique=True))
     sizes = {}
     if (meta / "image_sizes.txt").is_file():
-        sizes = {i: (w, h) for i, w, h in read_table(meta / "image_sizes.txt", (str, int, int), ",")}
+        sizes = {i: (w, h) for i, w, h in read_table(meta / "image_sizes.txt", (str, int, int), ",", unique=True)}
     loc, boxes, masks, ignores = meta / "localization.txt", {}, {}, {}
     if localization == "boxes":
-        for i, *box in read_table(loc, (str, float, float, float, float), ","):
+        for i, *box in read_table(loc, (str, finite, finite, finite, finite), ","):
             boxes.setdefault(i, []).append(box)  # repeated ids: several boxes (x0, y0, x1, y1)
     elif localization == "masks":
         for i, mask, ignore in read_table(loc, (str, str, str), ","):
@@ -227,7 +240,7 @@ def parse_wsoleval(meta: Path, image_dir: Path, mask_dir: Path, localization: st
 def parse_cub(root: Path, split: str, metadata_root: str | None) -> tuple[list[Record], list[str]]:
     """Raw CUB-200-2011 for train/test (§4.2, ids 1-based); wsolevaluation's CUBV2 metadata for val (§4.3)."""
     check_root("cub", root, "images.txt")
-    names = [n.split(".", 1)[-1] for _, n in sorted(read_table(root / "classes.txt", (int, str)))]
+    names = [n.split(".", 1)[-1] for _, n in sorted(read_table(root / "classes.txt", (int, str), unique=True))]
     seg = root / "segmentations"
     if split == "val":
         meta = metadata_dir(root, metadata_root, "CUB", "val")
@@ -238,12 +251,13 @@ def parse_cub(root: Path, split: str, metadata_root: str | None) -> tuple[list[R
         records = parse_wsoleval(meta, image_dir, root, "boxes")
         rel = [r.path.relative_to(image_dir) for r in records]
     else:
-        paths = dict(read_table(root / "images.txt", (int, str)))
-        labels = dict(read_table(root / "image_class_labels.txt", (int, int)))
-        is_train = dict(read_table(root / "train_test_split.txt", (int, int)))
+        paths = dict(read_table(root / "images.txt", (int, str), unique=True))
+        labels = dict(read_table(root / "image_class_labels.txt", (int, int), unique=True))
+        is_train = dict(read_table(root / "train_test_split.txt", (int, int), unique=True))
         bbox_file = root / "bounding_boxes.txt"
         # CUB's x y w h as every WSOL repo reads it: (x, y, x + w, y + h), used as an inclusive box (§4.2)
-        boxes = {i: (x, y, x + w, y + h) for i, x, y, w, h in read_table(bbox_file, (int, float, float, float, float))}
+        boxes = {i: (x, y, x + w, y + h)
+                 for i, x, y, w, h in read_table(bbox_file, (int, finite, finite, finite, finite), unique=True)}
         keep = [i for i in paths if lookup(is_train, i, root / "train_test_split.txt") == (split == "train")]
         records = [Record(root / "images" / paths[i], lookup(labels, i, root / "image_class_labels.txt") - 1,
                           np.array([lookup(boxes, i, bbox_file)], np.float64)) for i in keep]
@@ -267,9 +281,9 @@ def parse_wsoleval_dataset(name: str, root: Path, split: str, metadata_root: str
     records = parse_wsoleval(metadata_dir(root, metadata_root, key, split), root, root, localization)
     folders = {}  # class names: the folder (wnid / class mid) of the train images of each label
     if train := metadata_dir(root, metadata_root, key, "train", required=False):
-        labels = dict(read_table(train / "class_labels.txt", (str, int), ","))
-        folders = {labels[i]: Path(i).parent.name for (i,) in read_table(train / "image_ids.txt", (str,), ",")
-                   if i in labels}
+        labels = dict(read_table(train / "class_labels.txt", (str, int), ",", unique=True))
+        folders = {labels[i]: Path(i).parent.name
+                   for (i,) in read_table(train / "image_ids.txt", (str,), ",", unique=True) if i in labels}
     num_classes = 1 + max([r.label for r in records] + list(folders))
     return records, [folders.get(k, f"class_{k}") for k in range(num_classes)]
 
@@ -297,15 +311,16 @@ class WSOLDataset(Dataset):
         self.augment = split == "train" and train_augment
         s, r = img_size, self.resize
         self.eval_steps = [v2.Resize((r, r)), v2.CenterCrop(s)] if test_crop else [v2.Resize((s, s))]
-        steps = [v2.Resize((r, r)), v2.RandomCrop(s), v2.RandomHorizontalFlip()] if self.augment else self.eval_steps
-        self.transform = v2.Compose([*steps, v2.ToImage()])  # PIL image -> (3, S, S) uint8
-        self.fixed_steps = v2.Compose([*(steps[:1] if self.augment else steps), v2.ToImage()])  # what a cache holds
+        # the deterministic steps, PIL image -> (3, R, R) train or (3, S, S) eval uint8: what a cache holds; the
+        # train crops and flips follow per batch (finish_batch), cached or not
+        steps = [v2.Resize((r, r))] if self.augment else self.eval_steps
+        self.fixed_steps = v2.Compose([*steps, v2.ToImage()])
         self.cache, self.eval_masks, self.in_memory = None, None, in_memory
         if in_memory:  # synthetic: decode once and apply the deterministic steps once, so data costs ~1 % of a step
             images = [np.asarray(load_rgb(rec.path)) for rec in records]
             self.sizes = [(a.shape[1], a.shape[0]) for a in images]
             batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-            self.cache = v2.Compose(steps[:1] if self.augment else steps)(batch)  # (N, 3, R, R) train, or S
+            self.cache = v2.Compose(steps)(batch)  # (N, 3, R, R) train, or S
             if split != "train" and self.has_masks:
                 self.eval_masks = [self.mask(i) for i in range(len(records))]  # each (S, S) uint8
         elif cached := pixel_cache(self, cache):  # real data: the same pixels from data/cache, memory-mapped
@@ -318,18 +333,18 @@ class WSOLDataset(Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: list[int], finish: bool = True) -> list[dict]:
-        """The items of a batch (DataLoader fetches whole batches through this method). In memory or cached, a
-        batch's crops, flips and normalisation are a few tensor ops (finish_batch): per-sample calls would cost more
-        than the pixels at 64 px. finish=False leaves the cached uint8 pixels (views, which collate gathers) for
-        DeviceBatches to finish on the model's device."""
-        if self.cache is not None and not finish:
+        """The items of a batch (DataLoader fetches whole batches through this method). Held in memory, cached or
+        decoded from the files, the pixels are the same uint8 output of fixed_steps, and a batch's crops, flips and
+        normalisation are a few tensor ops (finish_batch) drawn from torch's generator in the process that
+        finishes the batch: so --cache on and off give the same batches from the same seed. finish=False leaves the
+        uint8 pixels (collate gathers them) for DeviceBatches to finish on the model's device."""
+        if self.cache is not None:
             images, sizes = [self.cache[i] for i in indices], [self.sizes[i] for i in indices]  # (3, R, R) or S
-        elif self.cache is not None:
-            batch = self.cache.index_select(0, torch.tensor(indices))  # (B, 3, R, R) train, (B, 3, S, S) eval
-            images, sizes = self.finish_batch(batch), [self.sizes[i] for i in indices]
         else:
             pils = [load_rgb(self.records[i].path) for i in indices]
-            images, sizes = [normalize(self.transform(pil)) for pil in pils], [pil.size for pil in pils]
+            images, sizes = [self.fixed_steps(pil) for pil in pils], [pil.size for pil in pils]
+        if finish:
+            images = self.finish_batch(torch.stack(images))  # (B, 3, S, S) float32
         items = []
         for i, image, size in zip(indices, images, sizes, strict=True):
             rec = self.records[i]
@@ -363,7 +378,10 @@ class WSOLDataset(Dataset):
                          self.resize if self.test_crop else None)
 
     def display_image(self, i: int) -> np.ndarray:
-        """(S, S, 3) uint8: the eval view of image i (same geometry as its boxes and mask), for overlays."""
+        """(S, S, 3) uint8: the eval view of image i (same geometry as its boxes and mask), for overlays; an eval
+        split's cached pixels are that view (a file removed after the cache was built is then never read)."""
+        if self.cache is not None and not self.augment:
+            return self.cache[i].permute(1, 2, 0).numpy()
         return v2.Compose([*self.eval_steps, v2.ToImage()])(load_rgb(self.records[i].path)).permute(1, 2, 0).numpy()
 
 
@@ -422,14 +440,15 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int | st
     (each method's official loader rule: its --drop-last preset). Eval: in order, every image.
 
     num_workers: a number or "auto" (worker_count). device: where the model runs; on CUDA batches come pinned. A
-    cached or in-memory set's batches are gathered as uint8 and cropped, flipped and normalised as a whole on that
-    device (DeviceBatches: the GPU when training there), so the CPU only copies bytes."""
+    WSOLDataset's batches are gathered as uint8 (held in memory, cached, or decoded by the workers) and cropped,
+    flipped and normalised as a whole by this process on that device (DeviceBatches: the GPU when training there),
+    so the draws do not depend on --cache or --num-workers."""
     device = torch.device(device or "cpu")
     workers = worker_count(num_workers, ds)
-    on_device = getattr(ds, "cache", None) is not None
+    on_device = isinstance(ds, WSOLDataset)
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     batches = RankBatches(len(ds), batch_size, train, drop_last, g)  # this process's share of each global batch
-    loader = DataLoader(CachedPixels(ds) if on_device else ds, batch_sampler=batches, num_workers=workers,
+    loader = DataLoader(RawPixels(ds) if on_device else ds, batch_sampler=batches, num_workers=workers,
                         collate_fn=collate, generator=g, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0)  # g: DataLoader draws its worker seed first, then batches
     return DeviceBatches(loader, ds, device) if on_device else loader
@@ -474,9 +493,9 @@ def worker_count(num_workers: int | str, ds: Dataset | None = None) -> int:
     return max(0, min(8, cpus - 1))
 
 
-class CachedPixels(Dataset):
-    """A cached WSOLDataset's items with their uint8 pixels not yet cropped, flipped or normalised (DeviceBatches
-    finishes them on the GPU)."""
+class RawPixels(Dataset):
+    """A WSOLDataset's items with their uint8 pixels not yet cropped, flipped or normalised (DeviceBatches finishes
+    them, on the GPU when training there)."""
 
     def __init__(self, ds: WSOLDataset):
         self.ds = ds
@@ -489,7 +508,7 @@ class CachedPixels(Dataset):
 
 
 class DeviceBatches:
-    """Iterates a DataLoader of CachedPixels: each uint8 batch goes to `device` (CUDA: pinned, non-blocking) and is
+    """Iterates a DataLoader of RawPixels: each uint8 batch goes to `device` (CUDA: pinned, non-blocking) and is
     cropped, flipped and normalised there by the dataset's own finish_batch, one batch-wide op each."""
 
     def __init__(self, loader: DataLoader, ds: WSOLDataset, device: torch.device):
@@ -519,13 +538,49 @@ def keep_large_blocks() -> None:
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep the freed top of the heap too
 
 
+class CacheWriteError(DataError):
+    """The pixel cache could not be written (disk full, read-only folder); --cache auto reads the files instead."""
+
+
+def files_stamp(records: list[Record], split: str) -> str:
+    """A digest of every image file's size and modification time: a cache built from other file contents is stale.
+    A listed file that is missing is a DataError naming it (checked here, before any training)."""
+    h = hashlib.sha256()
+    for r in records:
+        try:
+            st = os.stat(r.path)
+        except OSError as e:
+            raise DataError(f"{split} image {r.path} is listed but cannot be read: {e.strerror}") from None
+        h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def read_pixel_cache(path: Path, meta: Path, shape: tuple[int, ...], stamp: str):
+    """(pixels, sizes) of a complete, intact, up-to-date cache; None when absent; else the reason it can't be used."""
+    if not (path.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        sizes = [tuple(s) for s in info["sizes"]]
+        pixels = np.load(path, mmap_mode="c")  # copy-on-write: torch may wrap it, nothing is ever written back
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:  # truncated or foreign files
+        return f"{path} or {meta.name} is damaged ({type(e).__name__}: {e})"
+    if pixels.shape != shape or pixels.dtype != np.uint8 or len(sizes) != shape[0]:
+        return f"{path} holds {pixels.shape} {pixels.dtype}, not {shape} uint8"
+    if info.get("files") != stamp:
+        return f"image files changed (size or modification time) since {path} was built"
+    return torch.from_numpy(pixels), sizes
+
+
 def pixel_cache(ds: WSOLDataset, mode: str) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
     """--cache: the deterministic steps of ds's transform (train Resize((R, R)); eval Resize((S, S)), or Resize((R,
     R)) + CenterCrop(S)) applied once to every image with the same PIL / v2 code as the uncached path, kept in
     CACHE_DIR as one (N, 3, H, W) uint8 .npy per split and memory-mapped; with the images' original sizes (for their
-    boxes) in a .json beside it. The key covers dataset, split, size, test_crop, the image paths and CACHE_VERSION,
-    so any change builds a new file; edited image files with unchanged paths need the old file deleted.
-    mode: off; on; auto = on when the array is at most CACHE_BUDGET and half the free disk. Returns (pixels, sizes)."""
+    boxes) and a stamp of the files' sizes and times (files_stamp) in a .json beside it. The file name's key covers
+    dataset, split, size, test_crop, the image paths and CACHE_VERSION; a damaged pair, or image files changed since
+    the build, are rebuilt in place. A failed write is one DataError (--cache on) or a fallback to reading the files
+    (auto). mode: off; on; auto = on when the array is at most CACHE_BUDGET and half the free disk.
+    Returns (pixels, sizes)."""
     if mode == "off":
         return None
     side = ds.resize if ds.augment else ds.img_size
@@ -533,20 +588,30 @@ def pixel_cache(ds: WSOLDataset, mode: str) -> tuple[torch.Tensor, list[tuple[in
                       [str(r.path) for r in ds.records]])
     path = CACHE_DIR / (f"{ds.name}-{ds.split}-{side}{'-crop' if ds.test_crop and not ds.augment else ''}-"
                         f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy")
-    meta, nbytes = path.with_suffix(".json"), len(ds) * 3 * side * side
-    if not (path.is_file() and meta.is_file()):
-        free = shutil.disk_usage(next(p for p in (CACHE_DIR, *CACHE_DIR.absolute().parents) if p.exists())).free
-        if mode == "auto" and (nbytes > CACHE_BUDGET or nbytes > free / 2):
-            print(f"cache: not caching the {ds.name} {ds.split} split ({nbytes / 2**30:.1f} GiB; budget "
-                  f"{CACHE_BUDGET / 2**30:.0f} GiB and half of {free / 2**30:.0f} GiB free): reading image files "
-                  "(--cache on forces it)", flush=True)
-            return None
-        build_pixel_cache(ds, path, meta, side)
-    sizes = [tuple(s) for s in json.loads(meta.read_text())["sizes"]]
-    pixels = np.load(path, mmap_mode="c")  # copy-on-write: torch may wrap it, nothing is ever written back
-    if pixels.shape != (len(ds), 3, side, side) or len(sizes) != len(ds):
-        raise DataError(f"{path} holds {pixels.shape}, not ({len(ds)}, 3, {side}, {side}): delete it to rebuild")
-    return torch.from_numpy(pixels), sizes
+    meta, shape, stamp = path.with_suffix(".json"), (len(ds), 3, side, side), files_stamp(ds.records, ds.split)
+    found = read_pixel_cache(path, meta, shape, stamp)
+    if isinstance(found, tuple):
+        return found
+    if found is not None:
+        print(f"cache: {found}: rebuilding it", flush=True)
+    nbytes = math.prod(shape)
+    free = shutil.disk_usage(next(p for p in (CACHE_DIR, *CACHE_DIR.absolute().parents) if p.exists())).free
+    if mode == "auto" and (nbytes > CACHE_BUDGET or nbytes > free / 2):
+        print(f"cache: not caching the {ds.name} {ds.split} split ({nbytes / 2**30:.1f} GiB; budget "
+              f"{CACHE_BUDGET / 2**30:.0f} GiB and half of {free / 2**30:.0f} GiB free): reading image files "
+              "(--cache on forces it)", flush=True)
+        return None
+    try:
+        build_pixel_cache(ds, path, meta, side, stamp)
+    except CacheWriteError as e:
+        if mode == "on":
+            raise DataError(f"{e} (nothing was left behind; use --cache off to read the image files)") from None
+        print(f"cache: {e}; nothing was left behind; reading the image files instead (--cache auto)", flush=True)
+        return None
+    found = read_pixel_cache(path, meta, shape, stamp)
+    if not isinstance(found, tuple):
+        raise DataError(f"the pixel cache {path} just written cannot be read back: {found}")
+    return found
 
 
 class _FixedSteps(Dataset):
@@ -564,48 +629,86 @@ class _FixedSteps(Dataset):
         return self.steps(pil), pil.size
 
 
-def build_pixel_cache(ds: WSOLDataset, path: Path, meta: Path, side: int) -> None:
-    """Decode every image of ds once (worker processes, one per CPU), written into a temporary .npy that is renamed
-    into place only when complete; prints images/s and the ETA."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """Remove the `.<name>.tmp-<pid>...` files and folders in folder of a build whose process no longer runs (one
+    killed by SIGKILL or a power cut: SIGTERM and Ctrl-C remove their own)."""
+    for p in folder.glob(f".{name}.tmp-*") if folder.is_dir() else ():
+        pid = p.name.rpartition(".tmp-")[2].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError:  # alive, under another user
+            pass
+
+
+def build_pixel_cache(ds: WSOLDataset, path: Path, meta: Path, side: int, stamp: str) -> None:
+    """Decode every image of ds once (worker processes, one per CPU) and write the pixels sequentially into a
+    temporary .npy (a plain write: a full disk is an OSError, not the SIGBUS of a memory map), renamed into place
+    only when complete, the .json last; prints images/s and the ETA. A write fault raises CacheWriteError and
+    removes every file of this build. The loader draws from its own generator, never from the run's."""
     n, sizes, start, shown = len(ds), [], time.perf_counter(), 0.0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
     try:
-        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, side, side))
-        loader = DataLoader(_FixedSteps(ds), batch_size=32, num_workers=max(1, worker_count("auto") + 1),
-                            collate_fn=list)
-        for batch in loader:
-            if bad := next((image for image, size in batch if size is None), None):
-                raise DataError(bad)
-            pixels[len(sizes):len(sizes) + len(batch)] = torch.stack([image for image, _ in batch]).numpy()
-            sizes += [size for _, size in batch]
-            elapsed = time.perf_counter() - start
-            if elapsed - shown > 5 or len(sizes) == n:
-                shown, rate = elapsed, len(sizes) / max(elapsed, 1e-9)
-                print(f"cache: {ds.name} {ds.split} {len(sizes)}/{n} images | {rate:.0f} img/s | ETA "
-                      f"{common.format_seconds((n - len(sizes)) / rate)} | {path}", flush=True)
-        pixels.flush()
-        del pixels
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (n, 3, side, side)})
+            loader = DataLoader(_FixedSteps(ds), batch_size=32, num_workers=max(1, worker_count("auto") + 1),
+                                collate_fn=list, generator=torch.Generator())
+            for batch in loader:
+                if bad := next((image for image, size in batch if size is None), None):
+                    raise DataError(bad)
+                f.write(torch.stack([image for image, _ in batch]).numpy().tobytes())
+                sizes += [size for _, size in batch]
+                elapsed = time.perf_counter() - start
+                if elapsed - shown > 5 or len(sizes) == n:
+                    shown, rate = elapsed, len(sizes) / max(elapsed, 1e-9)
+                    print(f"cache: {ds.name} {ds.split} {len(sizes)}/{n} images | {rate:.0f} img/s | ETA "
+                          f"{common.format_seconds((n - len(sizes)) / rate)} | {path}", flush=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp_meta.write_text(json.dumps({"version": CACHE_VERSION, "sizes": sizes, "files": stamp}))
         os.replace(tmp, path)
-        common.write_json(meta, {"version": CACHE_VERSION, "sizes": sizes})  # last: the pair is complete
+        os.replace(tmp_meta, meta)  # last: the pair is complete
     except OSError as e:
-        raise DataError(f"cannot write the pixel cache {path}: {e} (use --cache off)") from None
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # a .npy without its .json would only be rebuilt
+        raise CacheWriteError(f"cannot write the pixel cache {e.filename or path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        for leftover in (tmp, tmp_meta):
+            with contextlib.suppress(OSError):  # (none can exist where the folder could not be made)
+                leftover.unlink(missing_ok=True)
 
 
 def load_splits(args) -> dict[str, WSOLDataset | None]:
     """A method's train / val / test from its Args (get_splits), every image checked first (check_images); a data
     problem is one line naming the file, before anything is trained or written. Under torchrun rank 0 goes first
-    (it builds the synthetic set or the cache and checks the images); the others then only read."""
+    (it builds the synthetic set or the cache and checks the images); the others then only read.
+
+    --data-root (default by --data) and --metadata-root become absolute paths here, so the run's args.json and
+    checkpoints name the data wherever a resume starts from; a resumed synthetic run never builds a new set. Every
+    random generator is left as it was found (common.preserved_rng): the model built next gets the same initial
+    weights whether or not a set or a cache was built, on every rank."""
+    args.data_root = str(Path(args.data_root or DEFAULT_ROOTS[args.data]).absolute())
+    args.metadata_root = args.metadata_root and str(Path(args.metadata_root).absolute())
+    if getattr(args, "resume", None) and args.data == "synthetic" and not (Path(args.data_root) /
+                                                                           "synthetic.json").is_file():
+        raise SystemExit(f"error: --resume {args.resume}: its synthetic set {args.data_root} is not there; give "
+                         "--data-root with the set the run trained on (a new set would train on other images)")
     rank = common.world()[0]
     if rank:
         common.barrier()
     try:
-        splits = get_splits(args.data, args.img_size, args.data_root, args.metadata_root,
-                            getattr(args, "test_crop", False), getattr(args, "cache", "off"))
-        if rank == 0:
-            check_images(splits)
+        with common.preserved_rng():
+            splits = get_splits(args.data, args.img_size, args.data_root, args.metadata_root,
+                                getattr(args, "test_crop", False), getattr(args, "cache", "off"))
+            if rank == 0:
+                check_images(splits)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     if rank == 0:
@@ -841,14 +944,20 @@ def write_synthetic(root: Path, seed: int, n_train: int, n_val: int, n_test: int
 def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_000, n_val: int = 2_000,
                     n_test: int = 2_000, size: int = 64) -> Path:
     """Generate the set into a temporary folder next to root and move it into place only when complete;
-    synthetic.json (version, seed, sizes) is written last. An existing set at root is replaced."""
+    synthetic.json (version, seed, sizes) is written last. An existing set at root is replaced. A write fault (a
+    file in the way, a read-only parent, a full disk) is one DataError naming the path, with nothing left behind;
+    so are Ctrl-C and SIGTERM (common.cli), and the leftovers of a killed build go at the next one."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"cannot build the synthetic set at {root}: it is a file, not a folder")
     if root.exists() and any(root.iterdir()) and not is_synthetic(root):
         raise DataError(not_synthetic(root))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    tmp.chmod(0o777 & ~common._umask())  # mkdtemp makes it 0700; the set follows the umask like any folder
+    tmp = None
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root.parent, root.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+        tmp.chmod(0o777 & ~common._umask())  # mkdtemp makes it 0700; the set follows the umask like any folder
         config = {"version": SYNTH_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
                   "size": size}
         write_synthetic(tmp, seed, n_train, n_val, n_test, size)
@@ -858,8 +967,12 @@ def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_
             os.replace(root, old)
         os.replace(tmp, root)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # PIL reports a full disk as OSError too
+        raise DataError(f"cannot build the synthetic set at {root}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename else "")) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

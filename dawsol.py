@@ -68,7 +68,7 @@ class Args:
     num_workers: str = field(default="auto", metadata={
         "help": "DataLoader workers, or auto: 0 for in-memory / cached sets, else min(8, CPUs - 1) per GPU"})
     cache: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "decoded pixels in data/cache/ "
-        "(one memory-mapped .npy per split); auto = on when a split's array is <= 8 GiB and <= half the free disk"})
+        "(a .npy per split; a speed switch: the same run on or off); auto = on when <= 8 GiB and half the free disk"})
     drop_last: bool | None = field(default=None, metadata={
         "help": "drop each epoch's last partial batch (NOTE(code): official loaders keep it but SAT's ILSVRC one)"})
     out_dir: str = field(default="runs", metadata={"help": "runs/<data>__dawsol__<seed>__<time>/ goes here"})
@@ -575,7 +575,7 @@ def main(args: Args) -> dict[str, float]:
     groups = param_groups(model, args)
     optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
                  if args.optimizer == "sgd" else torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
-    run.start(model, optimizer, load_deit_weights, len(splits["train"]))  # now the run folder appears
+    run.start(model, optimizer, load_deit_weights, splits)  # now the run folder appears
     for epoch in run.epochs():
         loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,
                                   args.drop_last, device)

@@ -93,7 +93,7 @@ def main() -> None:
                      rate(cached, "auto", device, opts.batch_size, 3.0)))
         if device.type == "cpu":  # what a CUDA run asks of the CPU: uint8 batches, finished on the GPU
             rows.append(("cached, host side of the CUDA path (uint8 batches only)",
-                         rate(data.CachedPixels(cached), 0, device, opts.batch_size, 3.0)))
+                         rate(data.RawPixels(cached), 0, device, opts.batch_size, 3.0)))
     model = argparse.Namespace(data="cub", batch_size=opts.model_batch, steps=opts.model_steps, device=opts.device,
                                precision="auto")
     model_rate, _ = bench_model.bench("tscam", model)

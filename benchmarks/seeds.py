@@ -8,12 +8,15 @@
 
 Each configuration is `name="<method>.py [flags]"`; each (name, seed) runs once as
 `python <method>.py <flags> --seed S --out-dir OUT --run-name <name>__s<S>`. A finished run (its metrics.json exists)
-is not run again, so an interrupted sweep continues where it stopped. --jobs 2 runs two at a time with --threads
-each (on 2 cores, two 1-thread runs finish sooner than one 2-thread run after another; the wall column is then not
-a timing). The table reads the test split with thresholds chosen on val (wsolevaluation): GT-known Loc, BoxAccV2
-(MaxBoxAccV2 at val-τ), BoxAcc@70 at val-τ, PxAP, Cls@1. `--split val` reads the val split instead (each metric at
-its best threshold on val itself): the split presets and designs are chosen on. Intervals: Student t with n - 1
-degrees of freedom over seeds (not over images); paired differences are per seed.
+is not run again, so an interrupted sweep continues where it stopped. A failed run is reported with its log's end
+and the sweep goes on; the table then holds the configurations whose every seed finished, and the exit status is 1.
+The runs start in the repository root (paths inside a configuration are relative to it); --out-dir is relative to
+the current folder. --jobs 2 runs two at a time with --threads each (on 2 cores, two 1-thread runs finish sooner
+than one 2-thread run after another; the wall column is then not a timing). The table reads the test split with
+thresholds chosen on val (wsolevaluation): GT-known Loc, BoxAccV2 (MaxBoxAccV2 at val-τ), BoxAcc@70 at val-τ, PxAP,
+Cls@1. `--split val` reads the val split instead (each metric at its best threshold on val itself): the split presets
+and designs are chosen on. Intervals: Student t with n - 1 degrees of freedom over seeds (not over images); paired
+differences are per seed.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ def stats(values: list[float]) -> tuple[float, float, float]:
     return mean, std, T975[min(n - 1, len(T975)) - 1] * std / math.sqrt(n)
 
 
+class RunFailed(Exception):
+    """One (configuration, seed) run did not finish; the message says which and ends with its log's tail."""
+
+
 def run_one(name: str, command: str, seed: int, out: Path, threads: int | None = None) -> dict:
     run = out / f"{name}__s{seed}"
     if not (run / "metrics.json").is_file():
@@ -61,7 +68,7 @@ def run_one(name: str, command: str, seed: int, out: Path, threads: int | None =
         if run.exists():  # an interrupted run: continue it from its last complete epoch when it has one
             cmd = [sys.executable, script, "--resume", str(run / "last.pt")] if (run / "last.pt").is_file() else None
             if cmd is None:
-                raise SystemExit(f"error: {run} exists without last.pt or metrics.json; move it away to rerun it")
+                raise RunFailed(f"{run} exists without last.pt or metrics.json; move it away to rerun it")
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
         log = out / f"{run.name}.log"  # the run's own output; a failing run's error is at its end
         out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +76,7 @@ def run_one(name: str, command: str, seed: int, out: Path, threads: int | None =
             result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         if result.returncode:
             tail = "".join(log.read_text().splitlines(True)[-5:])
-            raise SystemExit(f"error: {name} seed {seed} failed (exit {result.returncode}); end of {log}:\n{tail}")
+            raise RunFailed(f"{name} seed {seed} failed (exit {result.returncode}); end of {log}:\n{tail}")
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["wall_s"] = time.perf_counter() - t0
         print(f"  {run.name}: val GT-known {metrics.get('val/GT-known Loc', math.nan):.1f}, "
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="a configuration to run (repeat the flag for several)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[26, 27, 28], help="seeds (default: 26 27 28)")
     parser.add_argument("--baseline", default=None, help="the configuration the paired differences are taken against")
-    parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go (default: runs/seeds)")
+    parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go, relative to the current folder "
+                        "unless absolute (default: runs/seeds)")
     parser.add_argument("--split", choices=list(SPLITS), default="test",
                         help="test (τ chosen on val; the reported numbers) or val (for choosing presets)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: time one thing at a time)")
@@ -135,14 +143,33 @@ def main(argv: list[str] | None = None) -> str:
         configs[name] = command
     if args.baseline and args.baseline not in configs:
         parser.error(f"--baseline {args.baseline!r} is not one of the configurations {list(configs)}")
-    out = Path(args.out_dir)
+    out = Path(args.out_dir).resolve()  # the runs start in ROOT: both sides must mean the caller's folder
     threads = args.threads or (1 if args.jobs > 1 else None)
+    results, failed = {}, {}  # failed: name -> the seeds that did not finish
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the subprocesses
         futures = {(name, s): pool.submit(run_one, name, command, s, out, threads)
                    for name, command in configs.items() for s in args.seeds}
-        results = {name: {s: futures[name, s].result() for s in args.seeds} for name in configs}
-    text = table(results, args.baseline, args.split)
+        for (name, s), future in futures.items():  # a failed run is reported, and the sweep goes on
+            try:
+                results.setdefault(name, {})[s] = future.result()
+            except RunFailed as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                failed.setdefault(name, []).append(s)
+            except (OSError, ValueError) as e:  # e.g. an unreadable metrics.json
+                print(f"error: {name} seed {s}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                failed.setdefault(name, []).append(s)
+    results = {name: runs for name, runs in results.items() if name not in failed}
+    left_out = [f"{name} (seed{'s' * (len(s) > 1)} {' '.join(map(str, s))} failed)" for name, s in failed.items()]
+    baseline = args.baseline if args.baseline in results else None
+    text = table(results, baseline, args.split) if results else "no configuration finished all its seeds"
+    if left_out:
+        text += "\n\nleft out (a configuration is in the table only when every seed finished): " + ", ".join(left_out)
+        if args.baseline and not baseline:
+            text += f"; no paired differences, as the baseline {args.baseline} is left out"
     print(text, flush=True)
+    if failed:
+        runs = sum(map(len, failed.values()))
+        raise SystemExit(f"error: {runs} of {len(configs) * len(args.seeds)} runs failed (see the errors above)")
     return text
 
 

@@ -3,6 +3,8 @@ mask rules (spec metrics_data.md §2.1, §4), transforms, loaders, the synthetic
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,14 +371,14 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         real_save(array, path)
 
     monkeypatch.setattr(data, "save_png", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(data.DataError, match="cannot build the synthetic set at .*synthetic: disk full"):
         data.build_synthetic(tmp_path / "synthetic", **SMALL)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(data, "save_png", real_save)
     data.build_synthetic(tmp_path / "synthetic", seed=1, **SMALL)
     calls.clear()
     monkeypatch.setattr(data, "save_png", failing_save)
-    with pytest.raises(OSError):  # a failed rebuild keeps the previous complete set
+    with pytest.raises(data.DataError):  # a failed rebuild keeps the previous complete set
         data.build_synthetic(tmp_path / "synthetic", seed=2, **SMALL)
     assert json.loads((tmp_path / "synthetic" / "synthetic.json").read_text())["seed"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]
@@ -445,3 +447,109 @@ def test_cub_without_its_val_split_chooses_thresholds_on_test_and_says_so(tiny_s
     (root / "train_test_split.txt").write_text("1 x\n")  # a malformed file is still an error, not a fallback
     with pytest.raises(data.DataError, match="train_test_split.txt:1"):
         data.get_splits("cub", 32, str(root))
+
+
+# %% Metadata that would silently corrupt a benchmark: non-finite coordinates, repeated ids
+def write_ilsvrc(root: Path) -> Path:
+    """A minimal ILSVRC tree (wsolevaluation metadata under root/metadata): two test images of 50 x 40, the second
+    with two boxes (a repeated id in localization.txt). Returns the test metadata folder."""
+    meta = root / "metadata" / "ILSVRC"
+    test = ["val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000002.JPEG"]
+    for rel in test:
+        save(root / rel, solid("RGB", (50, 40), (9, 9, 9)))
+    write_lines(meta / "train/image_ids.txt", ["train/n01440764/a.JPEG", "train/n01443537/b.JPEG"])
+    write_lines(meta / "train/class_labels.txt", ["train/n01440764/a.JPEG,0", "train/n01443537/b.JPEG,1"])
+    write_lines(meta / "test/image_ids.txt", test)
+    write_lines(meta / "test/class_labels.txt", [f"{test[0]},1", f"{test[1]},0"])
+    write_lines(meta / "test/image_sizes.txt", [f"{test[0]},50,40", f"{test[1]},50,40"])
+    write_lines(meta / "test/localization.txt", [f"{test[0]},11,10,44,19", f"{test[1]},4,4,49,16",
+                                                 f"{test[1]},0,6,43,20"])
+    return meta / "test"
+
+
+def replace_line(path: Path, n: int, line: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[n - 1] = line
+    write_lines(path, lines)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "x"])
+def test_cub_box_must_be_finite(cub: Path, value: str):
+    # float("nan") parses; the box would later become INT64_MIN and count as a hit
+    replace_line(cub / "bounding_boxes.txt", 2, f"2 2.0 {value} 20.0 10.0")
+    with pytest.raises(data.DataError, match=r"bounding_boxes\.txt:2: malformed line") as e:
+        data.get_dataset("cub", "test", 32, root=str(cub))
+    assert str(cub / "bounding_boxes.txt") in str(e.value)
+    assert ("is not a finite number" in str(e.value)) == (value != "x")
+
+
+def test_cubv2_val_box_must_be_finite(synthetic: Path):
+    loc = synthetic / "metadata" / "val" / "localization.txt"
+    replace_line(loc, 3, loc.read_text().splitlines()[2].rsplit(",", 1)[0] + ",nan")
+    with pytest.raises(data.DataError, match=r"localization\.txt:3: malformed line .*'nan' is not a finite number"):
+        data.get_dataset("cub", "val", 32, root=str(synthetic))
+
+
+def test_ilsvrc_box_must_be_finite(tmp_path: Path):
+    meta = write_ilsvrc(tmp_path / "ILSVRC")
+    replace_line(meta / "localization.txt", 2, "val/ILSVRC2012_val_00000002.JPEG,4,inf,49,16")
+    with pytest.raises(data.DataError, match=r"localization\.txt:2: malformed line .*'inf' is not a finite number"):
+        data.get_dataset("ilsvrc", "test", 32, root=str(tmp_path / "ILSVRC"))
+
+
+def test_image_size_must_be_a_number(tmp_path: Path):
+    meta = write_ilsvrc(tmp_path / "ILSVRC")
+    replace_line(meta / "image_sizes.txt", 2, "val/ILSVRC2012_val_00000002.JPEG,nan,40")
+    with pytest.raises(data.DataError, match=r"image_sizes\.txt:2: malformed line"):
+        data.get_dataset("ilsvrc", "test", 32, root=str(tmp_path / "ILSVRC"))
+
+
+@pytest.mark.parametrize("name", ["images.txt", "image_class_labels.txt", "train_test_split.txt",
+                                  "bounding_boxes.txt", "classes.txt"])
+def test_cub_repeated_id_names_both_lines(cub: Path, name: str):
+    # e.g. in images.txt a second "1 ..." line would silently win and move image 1 to the other split
+    lines = (cub / name).read_text().splitlines()
+    write_lines(cub / name, [*lines, lines[0].split()[0] + " " + lines[-1].split(maxsplit=1)[1]])
+    n = len(lines) + 1
+    with pytest.raises(data.DataError) as e:
+        data.get_dataset("cub", "test", 32, root=str(cub))
+    assert f"{cub / name}:{n}: id 1 is listed twice, on lines 1 and {n}" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["image_ids.txt", "class_labels.txt", "image_sizes.txt"])
+def test_wsoleval_repeated_id_names_both_lines(tmp_path: Path, name: str):
+    meta = write_ilsvrc(tmp_path / "ILSVRC")
+    lines = (meta / name).read_text().splitlines()
+    write_lines(meta / name, [*lines, lines[0]])
+    with pytest.raises(data.DataError) as e:
+        data.get_dataset("ilsvrc", "test", 32, root=str(tmp_path / "ILSVRC"))
+    assert f"{meta / name}:3: id 'val/ILSVRC2012_val_00000001.JPEG' is listed twice, on lines 1 and 3" in str(e.value)
+
+
+def test_odd_boxes_are_still_accepted(cub: Path, tmp_path: Path):
+    # zero width, zero height and partly outside the image: the official code takes them as they are, and so do we
+    replace_line(cub / "bounding_boxes.txt", 1, "1 60.0 27.0 0.0 304.0")  # a is 500 x 335: x1 = x0
+    replace_line(cub / "bounding_boxes.txt", 2, "2 30.0 20.0 25.0 0.0")  # b is 40 x 30: y1 = y0, x1 past the edge
+    ds = data.get_dataset("cub", "test", 32, root=str(cub))
+    # trunc(60 * 32 / 500) = 3, trunc(27 * 32 / 335) = 2, trunc(331 * 32 / 335) = 31
+    assert ds[0]["boxes"].tolist() == [[3, 2, 3, 31]]
+    assert ds[1]["boxes"].tolist() == [[24, 21, 44, 21]]  # 30 * 32 / 40 = 24, 20 * 32 / 30 = 21.3, 55 * 32 / 40 = 44
+    meta = write_ilsvrc(tmp_path / "ILSVRC")
+    test = "val/ILSVRC2012_val_00000002.JPEG"
+    write_lines(meta / "localization.txt", ["val/ILSVRC2012_val_00000001.JPEG,-5,-4,60,50", f"{test},4,4,4,4",
+                                            f"{test},0,6,43,20"])  # whole image and beyond; a single point
+    ds = data.get_dataset("ilsvrc", "test", 20, root=str(tmp_path / "ILSVRC"))
+    assert ds[0]["boxes"].tolist() == [[-2, -2, 24, 25]] and ds[1]["boxes"].tolist() == [[1, 2, 1, 2], [0, 3, 17, 10]]
+
+
+def test_cli_nan_box_is_one_error_line(tiny_synthetic: Path, tmp_path: Path):
+    root = tmp_path / "cub"
+    shutil.copytree(tiny_synthetic, root)
+    replace_line(root / "bounding_boxes.txt", 3, "3 nan 1.0 5.0 5.0")
+    script = Path(__file__).resolve().parent.parent / "tscam.py"
+    cmd = [sys.executable, str(script), *TINY_ARGS, "--data", "cub", "--data-root", str(root), "--out-dir", "runs"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert lines[-1].startswith(f"error: {root / 'bounding_boxes.txt'}:3: malformed line")
+    assert sum(line.startswith("error:") for line in lines) == 1 and "not a finite number" in lines[-1]

@@ -99,7 +99,7 @@ def test_device_batches_equal_the_host_path(cub):
     torch.manual_seed(0)
     host = list(data.make_loader(ds, 2, True, "auto", seed=1))
     torch.manual_seed(0)
-    raw = DataLoader(data.CachedPixels(ds), batch_size=2, shuffle=True, collate_fn=data.collate,
+    raw = DataLoader(data.RawPixels(ds), batch_size=2, shuffle=True, collate_fn=data.collate,
                      generator=torch.Generator().manual_seed(int(np.random.SeedSequence([1, 0]).generate_state(1)[0])))
     device = list(data.DeviceBatches(raw, ds, torch.device("cpu")))
     assert len(host) == len(device) == 2
@@ -122,7 +122,7 @@ def test_num_workers_auto(cub, monkeypatch):
     assert (data.worker_count("auto", files), data.worker_count("auto", cached), data.worker_count("3", files)) == (
         8, 0, 3)
     loader = data.make_loader(files, 2, True, 0)
-    assert loader.num_workers == 0 and not loader.pin_memory
+    assert loader.loader.num_workers == 0 and not loader.loader.pin_memory
     for value, ok in (("auto", True), ("0", True), (2, True), ("-1", False), ("many", False)):
         args = dataclasses.replace(tscam.Args(), num_workers=value)
         common.apply_preset(args, tscam.PRESETS)

@@ -221,7 +221,9 @@ def test_real_layout_without_data_flag(tmp_path):
 
 
 # 8. Ctrl-C
-def test_ctrl_c_exits_130_with_the_resume_command(tiny_synthetic, tmp_path):
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                    (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_exit_with_the_resume_command(tiny_synthetic, tmp_path, sig, code, word):
     proc = subprocess.Popen([sys.executable, "tscam.py", *tiny(tiny_synthetic, tmp_path, "--epochs", "500",
                                                                 "--run-name", "c", "--log-every", "1000")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -229,11 +231,13 @@ def test_ctrl_c_exits_130_with_the_resume_command(tiny_synthetic, tmp_path):
     while not (tmp_path / "c" / "metrics.jsonl").exists() and time.time() < deadline:  # an epoch is complete
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"{word}: epoch ")
     assert f"--resume {tmp_path / 'c' / 'last.pt'}" in err.strip().splitlines()[-1], err
+    assert [p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name] == []
 
 
 # 9. write faults

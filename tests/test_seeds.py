@@ -59,3 +59,56 @@ def test_parallel_jobs_keep_each_seeds_own_result(tmp_path, monkeypatch):
                        "--jobs", "2", "--out-dir", str(tmp_path)])
     assert calls == ["1"] * 4  # each of two parallel runs gets one thread
     assert "| a | 1.5 ± 0.7" in text and "| b | 6.5 ± 0.7" in text and "+5.0 +5.0 |" in text
+
+
+def fake_runs(calls: list, fail: tuple[str, int] | None = None):
+    """A stand-in for subprocess.run: writes each run's metrics.json (GT-known = seed, + 5 for b.py), or for the
+    (script, seed) `fail` writes a traceback to the run's log and exits 1."""
+    def run(cmd, cwd, env, stdout, stderr):
+        calls.append((cmd, cwd))
+        seed = int(cmd[cmd.index("--seed") + 1])
+        if fail == (cmd[1], seed):
+            stdout.write("Traceback (most recent call last):\nRuntimeError: boom\n")
+            return subprocess.CompletedProcess(cmd, 1)
+        run_dir = Path(cmd[cmd.index("--out-dir") + 1]) / cmd[cmd.index("--run-name") + 1]
+        run_dir.mkdir(parents=True)
+        values = {key: seed + (5.0 if cmd[1] == "b.py" else 0.0) for key in seeds.METRICS.values()}
+        (run_dir / "metrics.json").write_text(json.dumps(values))
+        return subprocess.CompletedProcess(cmd, 0)
+    return run
+
+
+def test_relative_out_dir_is_the_callers_folder(tmp_path, monkeypatch):
+    """Run from outside the repository: the runs (started in ROOT) and the table read the same absolute folder."""
+    calls = []
+    monkeypatch.setattr(seeds.subprocess, "run", fake_runs(calls))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    text = seeds.main(["--config", "a=a.py", "--seeds", "1", "2", "--out-dir", "sweep/out"])
+    out = tmp_path / "elsewhere" / "sweep" / "out"
+    assert [c[c.index("--out-dir") + 1] for c, _ in calls] == [str(out)] * 2
+    assert {cwd for _, cwd in calls} == {seeds.ROOT}
+    assert (out / "a__s1" / "metrics.json").is_file() and (out / "a__s1.log").is_file()
+    assert "| a | 1.5 ± 0.7" in text
+    assert not (seeds.ROOT / "sweep").exists()
+
+
+def test_failed_run_still_prints_the_others_table(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(seeds.subprocess, "run", fake_runs(calls, fail=("b.py", 2)))
+    argv = ["--config", "a=a.py", "--config", "b=b.py", "--config", "c=c.py", "--seeds", "1", "2",
+            "--baseline", "a", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        seeds.main(argv)
+    assert e.value.code != 0 and "1 of 6 runs failed" in str(e.value.code)
+    assert len(calls) == 6  # every run after the failure still ran
+    captured = capsys.readouterr()
+    assert "b seed 2 failed (exit 1)" in captured.err and "RuntimeError: boom" in captured.err
+    assert str(tmp_path / "b__s2.log") in captured.err
+    assert "| a | 1.5 ± 0.7" in captured.out and "| c | 1.5 ± 0.7" in captured.out  # c: paired with a
+    assert "| b |" not in captured.out and "left out" in captured.out and "b (seed 2 failed)" in captured.out
+    assert "paired differences vs a" in captured.out
+    # the finished runs are kept: once b's failure is fixed, only b seed 2 runs again
+    calls.clear()
+    monkeypatch.setattr(seeds.subprocess, "run", fake_runs(calls))
+    assert "| b | 6.5 ± 0.7" in seeds.main(argv) and [c[1] for c, _ in calls] == ["b.py"]
