@@ -588,19 +588,20 @@ def pixel_cache(ds: WSOLDataset, mode: str) -> tuple[torch.Tensor, list[tuple[in
                       [str(r.path) for r in ds.records]])
     path = CACHE_DIR / (f"{ds.name}-{ds.split}-{side}{'-crop' if ds.test_crop and not ds.augment else ''}-"
                         f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy")
-    meta, shape, stamp = path.with_suffix(".json"), (len(ds), 3, side, side), files_stamp(ds.records, ds.split)
+    meta, shape = path.with_suffix(".json"), (len(ds), 3, side, side)
+    nbytes, exists = math.prod(shape), path.is_file() and meta.is_file()
+    free = shutil.disk_usage(next(p for p in (CACHE_DIR, *CACHE_DIR.absolute().parents) if p.exists())).free
+    if mode == "auto" and not exists and (nbytes > CACHE_BUDGET or nbytes > free / 2):  # before any stat of the files
+        print(f"cache: not caching the {ds.name} {ds.split} split ({nbytes / 2**30:.1f} GiB; budget "
+              f"{CACHE_BUDGET / 2**30:.0f} GiB and half of {free / 2**30:.0f} GiB free): reading image files "
+              "(--cache on forces it)", flush=True)
+        return None
+    stamp = files_stamp(ds.records, ds.split)
     found = read_pixel_cache(path, meta, shape, stamp)
     if isinstance(found, tuple):
         return found
     if found is not None:
         print(f"cache: {found}: rebuilding it", flush=True)
-    nbytes = math.prod(shape)
-    free = shutil.disk_usage(next(p for p in (CACHE_DIR, *CACHE_DIR.absolute().parents) if p.exists())).free
-    if mode == "auto" and (nbytes > CACHE_BUDGET or nbytes > free / 2):
-        print(f"cache: not caching the {ds.name} {ds.split} split ({nbytes / 2**30:.1f} GiB; budget "
-              f"{CACHE_BUDGET / 2**30:.0f} GiB and half of {free / 2**30:.0f} GiB free): reading image files "
-              "(--cache on forces it)", flush=True)
-        return None
     try:
         build_pixel_cache(ds, path, meta, side, stamp)
     except CacheWriteError as e:

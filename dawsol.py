@@ -25,14 +25,16 @@ What the code does where the paper is silent or says otherwise (README "deviatio
 6. NOTE(ours) `--tsa-mode batched` (default) clusters whole batches, seeded from the memory at the batch's start
    (cumulative means = image-by-image ones); `sequential`: official order, each image sees anchors earlier ones moved.
    Sampling: torch RNG, not random.shuffle. Memory = model buffers: checkpoints hold it, --resume continues it.
-7. NOTE(ours) eval: wsolevaluation's as in DA-WSOL (GT-class CAM, MaxBoxAccV2, GT-known, Top-1 Loc, PxAP/pIoU), val
-   thresholds on test (official: tuned on the reported split); no fixed-threshold "repo" report (DA-WSOL has none).
-8. NOTE(ours) synthetic preset (tscam.py's: the synthetic backbone, 3 epochs, AdamW 3e-4, 50 warmup steps, cosine,
-   grad clip 1) adds: n = 8 (8x8 grid); DAL from epoch 2 (official); `centred` neck; lambda2 = 0 (L_u off). Kept on
-   val from the synthetic backbone (seed 26, val GT-known: this preset 28.9, `--neck linear_relu` 17.1, plain CAM
-   lambda1 = lambda2 = 0 14.2, the official lambda2 = 2 9.0): the plain CAM itself fails there, see README "Claims".
+7. NOTE(ours) eval: wsolevaluation's as in DA-WSOL (MaxBoxAccV2, GT-known, Top-1 Loc, PxAP/pIoU), val thresholds on
+   test (official: tuned on the reported split); no fixed-threshold "repo" report (DA-WSOL has none).
+8. NOTE(ours) synthetic preset (tscam.py's: the synthetic backbone, 3 epochs, AdamW 3e-4, 50 warmup steps, cosine, clip
+   1) adds n = 8, DAL from epoch 2 (official), `centred` neck, lambda2 = 0. Val GT-known (seed 26, coupled map): this
+   64.2, `--neck linear_relu` 61.9, lambda2 = 2 32.9; lambda1 = lambda2 = 0 71.0 is not DA-WSOL (README "Claims").
 9. NOTE(ours) drop-path (to 0.1, shared ViT default) is on in training: TSA, L_d, L_u see it (official ResNet-50: none).
 10. NOTE(ours) a 14 x 14 patch grid (P = 196) where the official CUB/ILSVRC runs use 28 x 28 (P = 784), n = 32 in both.
+11. NOTE(ours) the map, on every dataset, couples the CAM with TS-CAM's cls attention A: A x (CAM - its min) (`--map
+   coupled`, val 64.2; A x the raw CAM, TS-CAM's rule, 58.8; the CAM alone 35.1): a ViT's patch-token CAM does not
+   localize. The official ResNet-50 map is the CAM itself (`--map cam`).
 """
 
 from __future__ import annotations
@@ -117,8 +119,9 @@ class Args:
     kmeans_max_iter: int = field(default=300, metadata={"help": "Lloyd iterations at most (sklearn default)"})
     kmeans_tol: float = field(default=1e-4, metadata={"help": "relative centre-shift tolerance (sklearn default)"})
     # evaluation
-    map: Literal["cam", "eigencam"] = field(default="cam", metadata={
-        "help": "cam: the GT-class CAM of the classifier (official); eigencam: training-free PCA map"})
+    map: Literal["coupled", "tscam", "cam", "attention", "eigencam"] = field(default="coupled", metadata={
+        "help": "NOTE(ours) coupled: cls attention A (as TS-CAM's) x the CAM shifted to >= 0 per map; tscam: A x the "
+                "raw CAM; cam: the GT-class CAM (official, ResNet-50); attention: A alone; eigencam: training-free"})
     cam_curve_interval: float = field(default=0.001, metadata={"help": "threshold step of the sweep (wsolevaluation)"})
 
 
@@ -324,13 +327,16 @@ class DAWSOL(nn.Module):
         self.tsa = TargetSampleAssigner(num_classes, D, args.kmeans_max_iter, args.kmeans_tol)
 
     def forward(self, images: torch.Tensor, need_maps: bool = False) -> dict[str, torch.Tensor]:
-        tokens = self.vit(images)  # (B, N, D); the cls token stays in the sequence (the weights expect it), unused
+        # (B, N, D); the cls token stays in the sequence (the weights expect it), unused
+        tokens, attentions = self.vit(images, return_attention=True) if need_maps else (self.vit(images), None)
         patches = tokens[:, 1:] - tokens[:, 1:].mean(1, keepdim=True) if self.centre else tokens[:, 1:]  # (B, P, D)
         features = self.neck(patches)  # (B, P, D): X, the pixel-level features = target domain
         image_feature = features.mean(dim=1)  # (B, D): z = GAP(X), the image-level feature = source domain
         out = {"logits": self.head(image_feature), "features": features, "image_feature": image_feature}  # (B, C)
         if need_maps:  # the classifier at every position; logits = the mean of this map over positions
             out["cam"] = self.head(features).transpose(1, 2).reshape(len(images), -1, *self.vit.grid)  # (B, C, h, w)
+            attention = torch.stack(attentions).mean(dim=2).sum(dim=0)  # TS-CAM's A: (L, B, H, N, N) -> (B, N, N)
+            out["attention"] = attention[:, 0, 1:].reshape(len(images), *self.vit.grid)  # (B, h, w)
         return out
 
 
@@ -491,10 +497,12 @@ def compute_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, args: Args,
 
 # %% 5. Localization map
 def localization_map(model: DAWSOL, out: dict[str, torch.Tensor], images: torch.Tensor, kind: str) -> torch.Tensor:
-    """Low-resolution maps (B, C, h, w) for every class, or (B, 1, h, w) if class-agnostic; common.LocalizationMeter
-    resizes and min-max normalises them, so they need not be in [0, 1]."""
-    if kind == "cam":  # spec §1.9: the classifier's score at each position (no ReLU; min-max removes the bias)
-        return out["cam"]
+    """Maps (B, C, h, w) per class or (B, 1, h, w) class-agnostic, raw: LocalizationMeter resizes and min-maxes them."""
+    cam, attention = out["cam"], out["attention"][:, None]  # (B, C, h, w), TS-CAM's A (B, 1, h, w)
+    if kind in ("cam", "attention"):  # cam: spec §1.9, the classifier's score at each position (no ReLU)
+        return cam if kind == "cam" else attention
+    if kind in ("coupled", "tscam"):  # NOTE(ours) 11: A x the CAM made >= 0 per map, or x the raw CAM (TS-CAM's rule)
+        return attention * (cam - cam.amin(dim=(2, 3), keepdim=True) if kind == "coupled" else cam)  # (B, C, h, w)
     x = model.vit.embed(images)  # eigencam: the input of the last block after its norm1 (pytorch-grad-cam's ViT
     for block in model.vit.blocks[:-1]:  # layer; spec dawsol_eigencam §6.3)
         x, _ = block(x)
@@ -585,7 +593,7 @@ def main(args: Args) -> dict[str, float]:
     # thresholds are chosen on val and applied to test: never tuned on the reported split
     val = evaluate(model, splits["val"], args, device) if splits["val"] else {}  # no val split: test chooses τ
     test = evaluate(model, splits["test"], args, device, at=val.get("thresholds"), overlay_dir=run.overlays)
-    return run.finish(val, test, maps=common.map_label(args.map, args.map == "eigencam"))
+    return run.finish(val, test, maps=common.map_label(args.map, args.map in ("attention", "eigencam")))
 
 
 if __name__ == "__main__":

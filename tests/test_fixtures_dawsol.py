@@ -26,8 +26,12 @@ class FeaturesAsTokens(nn.Module):
         super().__init__()
         self.grid = (grid, grid)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.cat([features.new_zeros(len(features), 1, features.shape[2]), features], dim=1)  # (B, 1 + P, D)
+    def forward(self, features: torch.Tensor, return_attention: bool = False):
+        tokens = torch.cat([features.new_zeros(len(features), 1, features.shape[2]), features], dim=1)  # (B, 1 + P, D)
+        if not return_attention:
+            return tokens
+        n = tokens.shape[1]  # one block, one head of uniform attention: the coupled maps' A is constant
+        return tokens, [tokens.new_full((len(tokens), 1, n, n), 1 / n)]
 
 
 def official_model(num_classes: int, dim: int, grid: int, weight: torch.Tensor, bias: torch.Tensor) -> dawsol.DAWSOL:
