@@ -1232,6 +1232,26 @@ def resume_args(args, method: str) -> dict | None:
     return state
 
 
+# --eval-only: the settings of the evaluation itself, which stay this command's; every other flag left at its default
+# takes the checkpoint's value, so a checkpoint is scored with the model, data and test geometry it was trained with
+EVAL_SETTINGS = ("eval_only", "checkpoint", "resume", "map", "seed", "device", "num_workers", "log_every",
+                 "num_overlays", "out_dir", "run_name", "cache", "cam_curve_interval", "repo_threshold", "batch_size",
+                 "precision")
+
+
+def eval_args(args, state: dict, method: str) -> None:
+    """--eval-only: flags left at their defaults take the checkpoint's run's values (its model, data and recipe), so
+    e.g. a --neck linear_relu checkpoint is not scored as a centred one; flags given explicitly and EVAL_SETTINGS stay."""
+    saved = state.get("args")
+    if not isinstance(saved, dict) or state.get("method", method) != method:
+        return  # another method's checkpoint: Run.start's check names it
+    defaults = type(args)()
+    for f in dataclasses.fields(args):
+        if f.name in saved and f.name not in EVAL_SETTINGS and same(getattr(args, f.name), getattr(defaults, f.name)):
+            value = saved[f.name]
+            setattr(args, f.name, tuple(value) if isinstance(value, list) else value)
+
+
 def steps_per_epoch(num_images: int, batch_size: int, drop_last: bool, processes: int = 1) -> int:
     """Optimizer steps of one epoch, by the method's official loader rule (drop_last or keep the partial batch).
     Under torchrun a last partial batch smaller than the number of processes is dropped (a rank would get none)."""
@@ -1316,6 +1336,11 @@ class Run:
         default = type(args)()  # --resume without --out-dir / --run-name continues in the checkpoint's folder
         in_place = bool(args.resume) and args.out_dir == default.out_dir and args.run_name is None
         self.resumed = resume_args(args, method)
+        if args.eval_only and not args.checkpoint:
+            raise SystemExit("error: --eval-only needs --checkpoint PATH")
+        self.evaluated = load_checkpoint(args.checkpoint) if args.eval_only else None  # read before any data
+        if self.evaluated is not None:
+            eval_args(args, self.evaluated, method)
         self.own_folder, self.note = False, None
         if in_place:
             self.own_folder, self.note = _own_folder(args.resume, self.resumed["args"], default.out_dir)
@@ -1328,9 +1353,6 @@ class Run:
         self.device = init_distributed(args.device)
         self.rank, self.world = world()
         seed_everything(args.seed, args.deterministic)  # every rank builds the same initial model
-        if args.eval_only and not args.checkpoint:
-            raise SystemExit("error: --eval-only needs --checkpoint PATH")
-        self.evaluated = load_checkpoint(args.checkpoint) if args.eval_only else None  # read before any data
         self.dir: Path | None = None
         self.start_epoch, self.epoch_done, self.progress = 0, 0, None
 

@@ -104,6 +104,8 @@ class Args:
     batch_size: int | None = field(default=None, metadata={"help": "batch size (CUB 256, ILSVRC 512; code)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (CUB 1e-4, ILSVRC 1.5e-5; code)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay; NOTE(code) 0.05"})
+    head_lr_mult: float | None = field(default=None, metadata={
+        "help": "LR multiplier of the new layers (head, spatial token; official 1); the backbone keeps lr"})
     decay_tokens: bool = field(default=False, metadata={
         "help": "also decay the cls/spatial tokens and position embeddings, as the official run did (header item 5)"})
     schedule: Literal["constant", "cosine"] | None = field(default=None, metadata={
@@ -140,16 +142,16 @@ class Args:
 PRESETS = {  # the values a None field takes for each dataset; the official ones are SAT's (spec A3, E.1)
     "synthetic": dict(pretrained=common.SYNTHETIC_DEIT, img_size=64, patch_size=8, embed_dim=128, depth=4,
                       heads=4, epochs=3, batch_size=64, lr=3e-4, schedule="cosine", min_lr=0.0, warmup_steps=50,
-                      grad_clip=1.0, area_threshold=0.15, area_group=0, map_loss_warmup=300, test_crop=False,
-                      repo_threshold=0.4, drop_last=False),
+                      head_lr_mult=1.0, grad_clip=1.0, area_threshold=0.15, area_group=0, map_loss_warmup=300,
+                      test_crop=False, repo_threshold=0.4, drop_last=False),
     "cub": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=30,
                 batch_size=256, lr=1e-4, schedule="cosine", min_lr=1e-6, warmup_steps=0, grad_clip=0.0,
-                area_threshold=0.25, area_group=0, map_loss_warmup=0, test_crop=True, repo_threshold=0.4,
-                drop_last=False),
+                head_lr_mult=1.0, area_threshold=0.25, area_group=0, map_loss_warmup=0, test_crop=True,
+                repo_threshold=0.4, drop_last=False),
     "ilsvrc": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=5,
                    batch_size=512, lr=1.5e-5, schedule="cosine", min_lr=1e-6, warmup_steps=0, grad_clip=0.0,
-                   area_threshold=0.35, area_group=128, map_loss_warmup=0, test_crop=True, repo_threshold=0.3,
-                   drop_last=True),
+                   head_lr_mult=1.0, area_threshold=0.35, area_group=128, map_loss_warmup=0, test_crop=True,
+                   repo_threshold=0.3, drop_last=True),
 }
 # NOTE(code): the official OpenImages loader resizes test images to 224 with no crop; SAT gives no OpenImages recipe
 PRESETS["openimages"] = PRESETS["cub"] | dict(test_crop=False)
@@ -453,15 +455,19 @@ def localization_map(model: SAT, out: dict[str, torch.Tensor], images: torch.Ten
 
 
 # %% 6. Loops
-def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = False,
+                 head_lr_mult: float = 1.0) -> list[dict]:
     """NOTE(code): timm's create_optimizer groups: no decay for 1-D params and biases, nor for the tokens and position
-    embeddings of no_weight_decay(); with decay_tokens those are decayed too, as in the official run (header item 5)."""
+    embeddings of no_weight_decay(); with decay_tokens those are decayed too, as in the official run (header item 5).
+    With head_lr_mult != 1 the layers outside the backbone (vit.) get their own groups at lr x head_lr_mult."""
     tokens = () if decay_tokens else ("pos_embed", "cls_token", "spatial_token", "spatial_pos_embed")
-    decay, no_decay = [], []
+    groups = {}
     for name, p in model.named_parameters():
         skip = p.ndim <= 1 or name.endswith(".bias") or name.endswith(tokens)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        new = head_lr_mult != 1.0 and not name.startswith("vit.")
+        groups.setdefault((skip, new), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr_mult": head_lr_mult if new else 1.0}
+            for (skip, new), params in sorted(groups.items())]
 
 
 def learning_rate(args: Args, step: int, steps_per_epoch: int) -> float:
@@ -481,7 +487,7 @@ def train_one_epoch(model, loader, optimizer, args: Args, epoch: int, device, pr
     for i, batch in enumerate(loader):
         step = epoch * len(loader) + i
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, step, len(loader))
+            group["lr"] = learning_rate(args, step, len(loader)) * group["lr_mult"]
         images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with common.autocast(device, args.precision):
             out = model(images)
@@ -525,7 +531,8 @@ def main(args: Args) -> dict[str, float]:
     device = run.device
     splits = data.load_splits(args)  # every image checked before training
     model = SAT(args, splits["train"].num_classes).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.decay_tokens), lr=args.lr, eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.decay_tokens, args.head_lr_mult),
+                                  lr=args.lr, eps=1e-8)
     run.start(model, optimizer, load_deit_weights, splits)  # spatial token and head keep their init
     for epoch in run.epochs():
         loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,

@@ -103,6 +103,8 @@ class Args:
         "help": "batch size (CUB 16 in the config, 256 in the README's example: uncertain; ILSVRC 512)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (CUB 5e-5, ILSVRC 1e-6; README)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay; NOTE(code) CLI default 0.05"})
+    head_lr_mult: float | None = field(default=None, metadata={
+        "help": "LR multiplier of the new head (official 1; BAS and DA-WSOL's lr_mult); the backbone keeps lr"})
     schedule: Literal["step", "cosine"] | None = field(default=None, metadata={
         "help": "step: x lr_factor at epochs divisible by a lr_steps value (official); cosine: warmup then cosine"})
     lr_steps: tuple[int, ...] | None = field(default=None, metadata={"help": "step epochs (CUB 30; ILSVRC 10 12)"})
@@ -130,13 +132,13 @@ class Args:
 PRESETS = {  # the values a None field takes for each dataset; the official ones are SCM's (spec §3.4)
     "synthetic": dict(pretrained=common.SYNTHETIC_DEIT, img_size=64, patch_size=8, embed_dim=128, depth=4,
                       heads=4, epochs=3, batch_size=64, lr=3e-4, schedule="cosine", lr_steps=(), warmup_steps=50,
-                      grad_clip=1.0, repo_threshold=0.1, drop_last=False),
+                      head_lr_mult=1.0, grad_clip=1.0, repo_threshold=0.1, drop_last=False),
     "cub": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=30,
-                batch_size=16, lr=5e-5, schedule="step", lr_steps=(30,), warmup_steps=0, grad_clip=0.0,
-                repo_threshold=0.1, drop_last=False),
+                batch_size=16, lr=5e-5, schedule="step", lr_steps=(30,), warmup_steps=0, head_lr_mult=1.0,
+                grad_clip=0.0, repo_threshold=0.1, drop_last=False),
     "ilsvrc": dict(pretrained="deit", img_size=224, patch_size=16, arch="deit_small", epochs=20,
-                   batch_size=512, lr=1e-6, schedule="step", lr_steps=(10, 12), warmup_steps=0, grad_clip=0.0,
-                   repo_threshold=0.12, drop_last=False),
+                   batch_size=512, lr=1e-6, schedule="step", lr_steps=(10, 12), warmup_steps=0,
+                   head_lr_mult=1.0, grad_clip=0.0, repo_threshold=0.12, drop_last=False),
 }
 PRESETS["openimages"] = PRESETS["cub"] | dict(repo_threshold=0.1)  # NOTE(ours): SCM has no OpenImages recipe
 
@@ -451,13 +453,16 @@ def localization_map(model: SCM, out: dict[str, torch.Tensor], images: torch.Ten
 
 
 # %% 6. Loops
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """NOTE(code): timm 0.3.2's add_weight_decay: no decay for 1-D params, biases, pos_embed and cls_token."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
+    """NOTE(code): timm 0.3.2's add_weight_decay: no decay for 1-D params, biases, pos_embed and cls_token.
+    With head_lr_mult != 1 the layers outside the backbone (vit.) get their own groups at lr x head_lr_mult."""
+    groups = {}
     for name, p in model.named_parameters():
         skip = p.ndim <= 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        new = head_lr_mult != 1.0 and not name.startswith("vit.")
+        groups.setdefault((skip, new), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr_mult": head_lr_mult if new else 1.0}
+            for (skip, new), params in sorted(groups.items())]
 
 
 def learning_rate(args: Args, step: int, steps_per_epoch: int) -> float:
@@ -479,7 +484,7 @@ def train_one_epoch(model, loader, optimizer, args: Args, epoch: int, device, pr
     for i, batch in enumerate(loader):
         step = epoch * len(loader) + i
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, step, len(loader))
+            group["lr"] = learning_rate(args, step, len(loader)) * group["lr_mult"]
         images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with common.autocast(device, args.precision):
             out = model(images)
@@ -524,7 +529,7 @@ def main(args: Args) -> dict[str, float]:
     device = run.device
     splits = data.load_splits(args)  # every image checked before training
     model = SCM(args, splits["train"].num_classes).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr, eps=1e-8)
     run.start(model, optimizer, load_deit_weights, splits)  # now the run folder appears
     for epoch in run.epochs():
         loader = data.make_loader(splits["train"], args.batch_size, True, args.num_workers, args.seed, epoch,

@@ -11,6 +11,7 @@ import common
 import dawsol
 import tscam
 from conftest import (
+    TINY_ARGS,
     assert_beats_trivial_baselines,
     assert_cli_outputs,
     assert_resume_reproduces,
@@ -244,6 +245,20 @@ def test_resume_continues_weights_and_memory(tiny_synthetic, tmp_path):
     flags = ("--schedule", "step", "--lr-steps", "2", *DAL_NOW)
     straight = assert_resume_reproduces(dawsol, tiny_synthetic, tmp_path, *flags)  # the TSA memory is in the state
     assert straight["tsa.universum_count"] == 2 * 4 * 16
+
+
+def test_eval_only_takes_the_checkpoints_settings(tiny_synthetic, tmp_path):
+    """--eval-only without the training flags scores the model that was trained (its neck, its recipe), not the
+    defaults'; a flag given explicitly (here the map) stays the command's."""
+    trained = dawsol.main(tiny_args(dawsol, tiny_synthetic, tmp_path, "--neck", "linear_relu", "--lambda-dal", "0",
+                                    "--run-name", "t"))
+    evaluate = [*TINY_ARGS, "--data-root", str(tiny_synthetic), "--out-dir", str(tmp_path), "--eval-only",
+                "--checkpoint", str(tmp_path / "t" / "last.pt")]  # as the CLI parses them: no preset applied yet
+    again = dawsol.main(common.parse_args(dawsol.Args, [*evaluate, "--run-name", "e"]))
+    assert {k: v for k, v in again.items() if k != "epoch"} == {k: v for k, v in trained.items() if k != "epoch"}
+    assert json.loads((tmp_path / "e" / "args.json").read_text())["neck"] == "linear_relu"
+    cam = dawsol.main(common.parse_args(dawsol.Args, [*evaluate, "--run-name", "c", "--map", "cam"]))
+    assert cam["test/Cls@1"] == trained["test/Cls@1"] and cam["test/PxAP"] != trained["test/PxAP"]
 
 
 def test_small_grid_warns(tiny_synthetic, tmp_path):

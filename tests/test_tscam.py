@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+import sat
+import scm
 import tscam
 from conftest import (
     ROOT,
@@ -164,6 +166,28 @@ def test_no_weight_decay_on_vectors_and_tokens():
                                                        "vit.blocks.0.attn.proj.weight", "vit.blocks.0.mlp.fc1.weight",
                                                        "vit.blocks.0.mlp.fc2.weight", "head.weight"}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("module", [tscam, scm, sat], ids=["tscam", "scm", "sat"])
+def test_head_lr_mult_gives_the_new_layers_their_own_lr(module, tiny_synthetic, tmp_path):
+    """--head-lr-mult: the layers outside vit. (head; SCM's calibration; SAT's spatial token) train at lr x mult, the
+    backbone at lr; at 1 (every real-data preset) the groups are the official two."""
+    args = tiny_args(module, tiny_synthetic, tmp_path, "--lr", "1e-3", "--schedule", "cosine", "--warmup-steps", "0")
+    model = getattr(module, module.__name__.upper())(args, num_classes=3)
+    official = module.param_groups(model, 0.05)
+    assert [(g["weight_decay"], g["lr_mult"]) for g in official] == [(0.05, 1.0), (0.0, 1.0)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = module.param_groups(model, 0.05, head_lr_mult=10.0)
+    by_name = {names[id(p)]: g["lr_mult"] for g in groups for p in g["params"]}
+    assert len(by_name) == len(names) and by_name["head.weight"] == 10.0
+    assert by_name["vit.blocks.0.attn.qkv.weight"] == 1.0
+    assert {n for n, m in by_name.items() if m == 10.0} == {n for n in names.values() if not n.startswith("vit.")}
+    final = module.main(tiny_args(module, tiny_synthetic, tmp_path, "--lr", "1e-3", "--schedule", "cosine",
+                                  "--warmup-steps", "0", "--head-lr-mult", "10", "--run-name", "h"))
+    saved = torch.load(tmp_path / "h" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    lrs = {g["lr_mult"]: g["lr"] for g in saved}  # the last step's LR of each group
+    assert set(lrs) == {1.0, 10.0} and lrs[10.0] == pytest.approx(10 * lrs[1.0]) and lrs[1.0] > 0
+    assert math.isfinite(final["test/GT-known Loc"])
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_synthetic, tmp_path):
