@@ -1241,7 +1241,7 @@ EVAL_SETTINGS = ("eval_only", "checkpoint", "resume", "map", "seed", "device", "
 
 def eval_args(args, state: dict, method: str) -> None:
     """--eval-only: flags left at their defaults take the checkpoint's run's values (its model, data and recipe), so
-    e.g. a --neck linear_relu checkpoint is not scored as a centred one; flags given explicitly and EVAL_SETTINGS stay."""
+    e.g. a --neck linear_relu checkpoint is not scored as a centred one; explicit flags and EVAL_SETTINGS stay."""
     saved = state.get("args")
     if not isinstance(saved, dict) or state.get("method", method) != method:
         return  # another method's checkpoint: Run.start's check names it

@@ -1,5 +1,6 @@
 """Datasets for nanoWSOL: CUB-200-2011, ILSVRC and OpenImages30k as their owners / wsolevaluation lay them out, and
-`synthetic`, a generated set written in the CUB layout so that every method trains on a laptop CPU in minutes.
+two generated worlds in the CUB layout, so that every method trains on a laptop CPU in minutes: `synthetic` (coarse,
+ImageNet-like: the whole object tells the class) and `synthetic-fine` (CUB-like: a part tells the class).
 
 Specs   ../shared/specs/metrics_data.md §2.1 (GT box rescaling), §4 (file formats, per-repo transforms, PxAP masks);
         ../shared/specs/synthetic_demo.md (the synthetic design, and the designs that failed before it)
@@ -9,6 +10,7 @@ Shapes  N images, K GT boxes of one image, S = img_size, R = round(S * 256 / 224
 Cache   --cache: each split's decoded, deterministically resized pixels as one memory-mapped uint8 .npy under
         data/cache/ (pixel_cache); crops, flips and normalisation then run per batch, on the GPU when training there
 Run     python data.py synthetic      # builds data/synthetic (seconds) and prints the trivial baselines
+        python data.py synthetic-fine # the same for data/synthetic-fine
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from torchvision.transforms import v2
 import common
 
 # %% 1. Constants, errors, file reading
-DATASETS = ("synthetic", "cub", "ilsvrc", "openimages")
-DEFAULT_ROOTS = {"synthetic": "data/synthetic", "cub": "data/CUB_200_2011", "ilsvrc": "data/ILSVRC",
-                 "openimages": "data/OpenImages"}
+DATASETS = ("synthetic", "synthetic-fine", "cub", "ilsvrc", "openimages")
+WORLDS = {"synthetic": "coarse", "synthetic-fine": "fine"}  # the generated sets (README "Two synthetic worlds")
+DEFAULT_ROOTS = {"synthetic": "data/synthetic", "synthetic-fine": "data/synthetic-fine", "cub": "data/CUB_200_2011",
+                 "ilsvrc": "data/ILSVRC", "openimages": "data/OpenImages"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_DIR = Path("data/cache")  # relative to the working directory, like data/ and runs/
@@ -354,7 +357,7 @@ class WSOLDataset(Dataset):
                 if not self.test_crop:  # the TS-CAM / SCM repo protocols' boxes; raw CUB x y w h outside val
                     item["repo_boxes"] = torch.from_numpy(repo_boxes_tscam(
                         rec.boxes, rec.size or size, (self.img_size, self.img_size),
-                        from_cub_xywh=self.name in ("cub", "synthetic") and self.split == "test"))
+                        from_cub_xywh=self.name in ("cub", *WORLDS) and self.split == "test"))
             if self.split != "train" and self.has_masks:
                 item["mask"] = torch.from_numpy(self.eval_masks[i] if self.eval_masks is not None else self.mask(i))
             items.append(item)
@@ -697,8 +700,8 @@ def load_splits(args) -> dict[str, WSOLDataset | None]:
     weights whether or not a set or a cache was built, on every rank."""
     args.data_root = str(Path(args.data_root or DEFAULT_ROOTS[args.data]).absolute())
     args.metadata_root = args.metadata_root and str(Path(args.metadata_root).absolute())
-    if getattr(args, "resume", None) and args.data == "synthetic" and not (Path(args.data_root) /
-                                                                           "synthetic.json").is_file():
+    if getattr(args, "resume", None) and args.data in WORLDS and not (Path(args.data_root) /
+                                                                      "synthetic.json").is_file():
         raise SystemExit(f"error: --resume {args.resume}: its synthetic set {args.data_root} is not there; give "
                          "--data-root with the set the run trained on (a new set would train on other images)")
     rank = common.world()[0]
@@ -765,9 +768,9 @@ def get_dataset(name: str, split: str, img_size: int, root: str | None = None, m
     if name not in DATASETS or split not in ("train", "val", "test"):
         raise DataError(f"unknown dataset/split {name!r}/{split!r}: choose from {DATASETS} and train/val/test")
     path = Path(root or DEFAULT_ROOTS[name])
-    if name == "synthetic":
-        ensure_synthetic(path)
-    if name in ("synthetic", "cub"):
+    if name in WORLDS:
+        ensure_synthetic(path, world=WORLDS[name])
+    if name in ("cub", *WORLDS):
         (records, names), threshold = parse_cub(path, split, metadata_root), 127
     else:
         (records, names), threshold = parse_wsoleval_dataset(name, path, split, metadata_root), 0
@@ -776,7 +779,7 @@ def get_dataset(name: str, split: str, img_size: int, root: str | None = None, m
     if bad := next((r for r in records if not 0 <= r.label < len(names)), None):
         raise DataError(f"{name} {split}: label {bad.label} of {bad.path} is outside 0..{len(names) - 1}")
     return WSOLDataset(name, split, records, names, img_size, test_crop, train_augment, threshold,
-                       in_memory=name == "synthetic", cache=cache)
+                       in_memory=name in WORLDS, cache=cache)
 
 
 # %% 5. The synthetic set (synthetic_demo.md): generator, on-disk cache, trivial baselines
@@ -898,6 +901,106 @@ def draw_distractors(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return out
 
 
+# The fine-grained world (--data synthetic-fine; README "Two synthetic worlds"): CUB's problem in miniature. Class k is
+# told by the head alone (texture FINE_HEADS[k] in hue k / 10); the body is a random texture, in the class hue on half
+# the images (weakly informative); the background takes the class's habitat colour on 60 % of them; headless
+# silhouettes and the coarse world's distractors are object-like clutter. Sizes follow CUB test (real_benchmarks §1).
+FINE_VERSION = 1
+FINE_HEADS = ("stripes", "checker", "dots", "rings", "grid", "zigzag", "spokes", "waves", "solid", "noise")
+FINE_HEAD = 0.3  # the head is the silhouette's front along its long axis: u >= 0.3 of [-1, 1] (about 35 %)
+FINE_HABITAT, FINE_BODY_HUE, FINE_HEADLESS = 0.6, 0.5, 0.5  # P(habitat background), P(body in class hue), P(each of 2)
+HABITATS = np.array([colorsys.hsv_to_rgb((0.37 * k + 0.05) % 1, 0.45, 0.55) for k in range(10)]) * 255
+
+
+def silhouette(u: np.ndarray, v: np.ndarray, bumps: np.ndarray) -> np.ndarray:
+    """A random blob in object coordinates: radius 0.88 + sum_k a_k cos(k theta + phi_k), k = 2..4. bumps (m, 3, 2)
+    holds (a_k, phi_k); u, v (m, S, S). Any class's object and the headless distractors share this family."""
+    theta, radius = np.arctan2(v, u), np.full(u.shape, 0.88, np.float32)
+    for j, k in enumerate((2, 3, 4)):
+        radius += bumps[:, j, 0, None, None] * np.cos(k * theta + bumps[:, j, 1, None, None])
+    return np.hypot(u, v) <= radius
+
+
+def two_shades(pattern: np.ndarray, hue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(m, S, S) bool pattern -> (m, S, S, 3) uint8: a light shade of each hue where True, a darker one elsewhere."""
+    m = len(hue)
+    sat, val, dark = rng.uniform(0.6, 1.0, m), rng.uniform(0.7, 1.0, m), rng.uniform(0.4, 0.65, (m, 1))
+    light = np.array([colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hue, sat, val, strict=True)]) * 255
+    return np.where(pattern[..., None], light.astype(np.uint8)[:, None, None],
+                    (light * dark).astype(np.uint8)[:, None, None])
+
+
+def textured(p: np.ndarray, q: np.ndarray, texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image's texture (an index into FINE_HEADS) at a random period, in object coordinates. (m, S, S) bool"""
+    period = rng.uniform(size / 14, size / 8, (len(texture), 1, 1)).astype(np.float32)
+    out = np.zeros(p.shape, bool)
+    for t, name in enumerate(FINE_HEADS):
+        idx = texture == t
+        out[idx] = TEXTURES[name](p[idx] / period[idx], q[idx] / period[idx], rng)
+    return out
+
+
+def place(m: int, size: int, area: np.ndarray, aspect: np.ndarray, angle: np.ndarray, cx: np.ndarray,
+          cy: np.ndarray, xx: np.ndarray, yy: np.ndarray):
+    """Object frames: pixel coordinates (p, q) along / across the long axis and normalised (u, v). (m, S, S) each"""
+    half_w, half_h = (np.sqrt(area * np.stack([aspect, 1 / aspect])) / 2).astype(np.float32)
+    cos, sin = np.cos(angle).astype(np.float32)[:, None, None], np.sin(angle).astype(np.float32)[:, None, None]
+    dx, dy = xx - cx[:, None, None].astype(np.float32), yy - cy[:, None, None].astype(np.float32)
+    p, q = dx * cos + dy * sin, -dx * sin + dy * cos
+    return p, q, p / half_w[:, None, None], q / half_h[:, None, None]
+
+
+def generate_fine(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """n fine-world images: (n, S, S, 3) uint8, labels (n,), object masks and head masks (n, S, S) bool.
+    Object: one silhouette, box area lognormal (median 0.30, sigma 0.6, clipped to 0.06-0.85 of the image; CUB test
+    median 0.31, quartiles 0.20 / 0.45), aspect 1.2-2.0, within 45 degrees of level, facing left or right; placed as
+    in the coarse world (uniform, up to 30 % of the half-extent past the border), not centred as CUB's birds are."""
+    labels = rng.permutation(np.arange(n) % len(FINE_HEADS))
+    images, masks, heads = (np.zeros((n, size, size, 3), np.uint8), np.zeros((n, size, size), bool),
+                            np.zeros((n, size, size), bool))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    knots = 4
+    t = np.linspace(0, knots - 1, size)
+    interp = np.maximum(0, 1 - np.abs(t[:, None] - np.arange(knots)[None])).astype(np.float32)  # (S, knots)
+    for start in range(0, n, CHUNK):
+        lab = labels[start:start + CHUNK]
+        m = len(lab)
+        grid = rng.uniform(0.1, 0.9, (m, 3, knots, knots)).astype(np.float32)
+        background = interp @ grid @ interp.T * 255  # (m, 3, S, S)
+        habitat = rng.random(m) < FINE_HABITAT
+        background[habitat] = 0.45 * background[habitat] + 0.55 * HABITATS[lab[habitat], :, None, None]
+        canvas = draw_distractors(background.astype(np.uint8).transpose(0, 2, 3, 1), rng)  # (m, S, S, 3)
+        for _ in range(2):  # headless silhouettes: object-like, random texture and hue, 3-12 % of the image
+            area = rng.uniform(0.03, 0.12, m) * size**2
+            p, q, u, v = place(m, size, area, rng.uniform(1.2, 2.0, m), rng.uniform(0, 2 * np.pi, m),
+                               rng.uniform(0, size, m), rng.uniform(0, size, m), xx, yy)
+            shape = silhouette(u, v, rng.uniform([-0.12, 0], [0.12, 2 * np.pi], (m, 3, 2)))
+            shape &= (rng.random(m) < FINE_HEADLESS)[:, None, None]
+            paint = two_shades(textured(p, q, rng.integers(0, 10, m), size, rng), rng.random(m), rng)
+            canvas = np.where(shape[..., None], paint, canvas)
+        area = np.exp(rng.normal(np.log(0.30), 0.6, m)).clip(0.06, 0.85) * size**2 / 0.84  # the blob's box
+        aspect = rng.uniform(1.2, 2.0, m)
+        angle = rng.uniform(-0.8, 0.8, m) + np.pi * (rng.random(m) < 0.5)
+        half_w, half_h = np.sqrt(area * aspect) / 2, np.sqrt(area / aspect) / 2
+        ext = np.stack([np.abs(half_w * np.cos(angle)) + np.abs(half_h * np.sin(angle)),
+                        np.abs(half_w * np.sin(angle)) + np.abs(half_h * np.cos(angle))])
+        cx, cy = rng.uniform(0.7 * ext, np.maximum(size - 0.7 * ext, 0.7 * ext))  # as the coarse world's placement
+        p, q, u, v = place(m, size, area, aspect, angle, cx, cy, xx, yy)
+        inside = silhouette(u, v, rng.uniform([-0.12, 0], [0.12, 2 * np.pi], (m, 3, 2)))
+        head = inside & (u >= FINE_HEAD)
+        hue = (lab / len(FINE_HEADS) + rng.uniform(-0.02, 0.02, m)) % 1
+        body_hue = np.where(rng.random(m) < FINE_BODY_HUE, hue, rng.random(m))
+        body = two_shades(textured(p, q, rng.integers(0, 10, m), size, rng), body_hue, rng)
+        face = two_shades(textured(p, q, lab, size, rng), hue, rng)
+        image = np.where(head[..., None], face, np.where(inside[..., None], body, canvas)).astype(np.int16)
+        grain = rng.integers(-GRAIN, GRAIN + 1, image.shape, dtype=np.int16)
+        images[start:start + m] = (image + grain).clip(0, 255).astype(np.uint8)
+        masks[start:start + m], heads[start:start + m] = inside, head
+    if not heads.any(axis=(1, 2)).all():
+        raise RuntimeError("fine-world generator produced an image without a visible head")
+    return images, labels, masks, heads
+
+
 def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Inclusive (x0, y0, x1, y1) of the foreground of an (H, W) mask."""
     cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
@@ -909,21 +1012,28 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def synthetic_folders() -> list[str]:
+def synthetic_folders(world: str = "coarse") -> list[str]:
+    if world == "fine":
+        return [f"{k + 1:03d}.head_{tex}" for k, tex in enumerate(FINE_HEADS)]
     return [f"{k + 1:03d}.{shape}_{tex}" for k, (shape, tex) in enumerate(SYNTH_CLASSES)]  # CUB-style class folders
 
 
-def write_synthetic(root: Path, seed: int, n_train: int, n_val: int, n_test: int, size: int) -> None:
-    """CUB layout for train/test (+ segmentations/), wsolevaluation metadata/val/ for the CUBV2-like val split."""
-    folders = synthetic_folders()
+def write_synthetic(root: Path, seed: int, n_train: int, n_val: int, n_test: int, size: int,
+                    world: str = "coarse") -> None:
+    """CUB layout for train/test (+ segmentations/), wsolevaluation metadata/val/ for the CUBV2-like val split; the
+    fine world also writes each object's head mask under parts/ (for the maps' part / body measurements)."""
+    folders = synthetic_folders(world)
     cub_lines = {f: [] for f in ("images", "image_class_labels", "train_test_split", "bounding_boxes")}
     val_lines = {f: [] for f in ("image_ids", "class_labels", "image_sizes", "localization")}
     for split_id, (split, n) in enumerate((("train", n_train), ("test", n_test), ("val", n_val))):
-        images, labels, masks = generate(n, size, np.random.default_rng([seed, split_id]))
+        rng = np.random.default_rng([seed, split_id])
+        images, labels, masks, *heads = generate_fine(n, size, rng) if world == "fine" else generate(n, size, rng)
         for k in range(n):
             rel = f"{folders[labels[k]]}/{split}_{k:05d}.png"
             save_png(images[k], root / ("CUBV2" if split == "val" else "images") / rel)
             save_png(masks[k].astype(np.uint8) * 255, root / "segmentations" / rel)
+            if heads:
+                save_png(heads[0][k].astype(np.uint8) * 255, root / "parts" / rel)
             x0, y0, x1, y1 = tight_box(masks[k])
             if split == "val":
                 for key, line in zip(val_lines, (rel, f"{rel},{labels[k]}", f"{rel},{size},{size}",
@@ -943,7 +1053,7 @@ def write_synthetic(root: Path, seed: int, n_train: int, n_val: int, n_test: int
 
 
 def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_000, n_val: int = 2_000,
-                    n_test: int = 2_000, size: int = 64) -> Path:
+                    n_test: int = 2_000, size: int = 64, world: str = "coarse") -> Path:
     """Generate the set into a temporary folder next to root and move it into place only when complete;
     synthetic.json (version, seed, sizes) is written last. An existing set at root is replaced. A write fault (a
     file in the way, a read-only parent, a full disk) is one DataError naming the path, with nothing left behind;
@@ -959,9 +1069,9 @@ def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_
         remove_stale_temporaries(root.parent, root.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
         tmp.chmod(0o777 & ~common._umask())  # mkdtemp makes it 0700; the set follows the umask like any folder
-        config = {"version": SYNTH_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-                  "size": size}
-        write_synthetic(tmp, seed, n_train, n_val, n_test, size)
+        config = {"version": SYNTH_VERSION if world == "coarse" else FINE_VERSION, "seed": seed, "n_train": n_train,
+                  "n_val": n_val, "n_test": n_test, "size": size, **({"world": world} if world != "coarse" else {})}
+        write_synthetic(tmp, seed, n_train, n_val, n_test, size, world)
         (tmp / "synthetic.json").write_text(json.dumps(config, indent=1))
         old = root.with_name(tmp.name + "-old")
         if root.exists():
@@ -977,27 +1087,30 @@ def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_
     return root
 
 
-def ensure_synthetic(root: str | Path, seed: int | None = None, **sizes: int) -> Path:
-    """Build the set unless root holds a complete one of this SYNTH_VERSION (and of seed / sizes, where given)."""
+def ensure_synthetic(root: str | Path, seed: int | None = None, world: str = "coarse", **sizes: int) -> Path:
+    """Build the set unless root holds a complete one of this world and version (and of seed / sizes, if given)."""
     root = Path(root)
     try:
         recorded = json.loads((root / "synthetic.json").read_text())
     except (OSError, ValueError):
         recorded = {}
-    wanted = {"version": SYNTH_VERSION, **({} if seed is None else {"seed": seed}), **sizes}
+    recorded.setdefault("world", "coarse")  # a coarse set's synthetic.json does not name its world
+    version = SYNTH_VERSION if world == "coarse" else FINE_VERSION
+    wanted = {"version": version, "world": world, **({} if seed is None else {"seed": seed}), **sizes}
     if any(recorded.get(k) != v for k, v in wanted.items()):
         if root.is_dir() and any(root.iterdir()) and not is_synthetic(root):  # checked before saying "building"
             raise DataError(not_synthetic(root))
-        print(f"building the synthetic set at {root} (once; about 20 s for the default size)")
-        build_synthetic(root, SYNTH_SEED if seed is None else seed, **sizes)
+        name, seconds = ("synthetic set", 20) if world == "coarse" else ("fine-grained synthetic set", 40)
+        print(f"building the {name} at {root} (once; about {seconds} s for the default size)")
+        build_synthetic(root, SYNTH_SEED if seed is None else seed, world=world, **sizes)
     return root
 
 
 def is_synthetic(root: Path) -> bool:
-    """The marker, or at least our classes.txt (a half-written set)."""
-    classes = "".join(f"{k + 1} {f}\n" for k, f in enumerate(synthetic_folders()))
+    """The marker, or at least one world's classes.txt (a half-written set)."""
+    classes = ["".join(f"{k + 1} {f}\n" for k, f in enumerate(synthetic_folders(w))) for w in ("coarse", "fine")]
     return (root / "synthetic.json").is_file() or (root / "classes.txt").is_file() and (
-        (root / "classes.txt").read_text() == classes)
+        (root / "classes.txt").read_text() in classes)
 
 
 def real_layout(root: Path) -> str | None:
@@ -1018,10 +1131,11 @@ def not_synthetic(root: Path) -> str:
             "for the synthetic set, or the --data that matches this folder")
 
 
-def synthetic_baselines(root: str | Path | None = None) -> dict[str, float]:
+def synthetic_baselines(root: str | Path | None = None, world: str = "coarse") -> dict[str, float]:
     """GT-known (IoU >= 0.5, %) of image-independent boxes on the synthetic test split: the whole image, a centred
     box of the mean GT size, and the best centred square (its side chosen on the test split itself: an upper bound)."""
-    root = ensure_synthetic(root or DEFAULT_ROOTS["synthetic"])
+    name = next(k for k, w in WORLDS.items() if w == world)
+    root = ensure_synthetic(root or DEFAULT_ROOTS[name], world=world)
     size = json.loads((root / "synthetic.json").read_text())["size"]
     records, _ = parse_cub(root, "test", None)
     gt = np.concatenate([r.boxes for r in records]).astype(np.int64)  # (N, 4): one box per synthetic image
@@ -1043,13 +1157,14 @@ def synthetic_baselines(root: str | Path | None = None) -> dict[str, float]:
 
 # %% 6. CLI
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the synthetic dataset and print its trivial baselines.")
-    parser.add_argument("command", choices=["synthetic"])
-    parser.add_argument("--out", default=DEFAULT_ROOTS["synthetic"], help="where to write the set")
+    parser = argparse.ArgumentParser(description="Build a synthetic dataset and print its trivial baselines.")
+    parser.add_argument("command", choices=list(WORLDS), help="synthetic (coarse world) or synthetic-fine")
+    parser.add_argument("--out", default=None, help="where to write the set (default data/<command>)")
     parser.add_argument("--seed", type=int, default=SYNTH_SEED, help="generator seed")
     args = parser.parse_args()
-    start = time.perf_counter()
-    ensure_synthetic(args.out, seed=args.seed, n_train=10_000, n_val=2_000, n_test=2_000, size=64)
-    print(f"synthetic set at {args.out} ready in {time.perf_counter() - start:.1f} s")
-    for key, value in synthetic_baselines(args.out).items():
+    start, out = time.perf_counter(), args.out or DEFAULT_ROOTS[args.command]
+    ensure_synthetic(out, seed=args.seed, world=WORLDS[args.command], n_train=10_000, n_val=2_000, n_test=2_000,
+                     size=64)
+    print(f"{args.command} set at {out} ready in {time.perf_counter() - start:.1f} s")
+    for key, value in synthetic_baselines(out, WORLDS[args.command]).items():
         print(f"  {key:22s} {value:6.1f}" + (" % GT-known (test)" if key != "best_square_side" else " px"))

@@ -5,8 +5,8 @@ run's map on the image and the box its metric scores at the run's own τ chosen 
         SCM=runs/seeds/scm__s27 SAT=runs/seeds/sat__s27 BAS=runs/seeds/bas__s27 DA-WSOL=runs/seeds/dawsol__s27 \
         --indices 0 1 2 3 4 5 --out docs/figure_synthetic.png
 
-Each COLUMN is `TITLE=RUN_FOLDER`: a training run (its last.pt) or an --eval-only run (the checkpoint and --map it
-evaluated: TS-CAM's S or A alone on the same weights). The map, the test geometry and τ (the run's val-chosen
+Each COLUMN is `TITLE=RUN_FOLDER`: a training run (its last.pt), an --eval-only run (the checkpoint and --map it
+evaluated: TS-CAM's S or A alone on the same weights) or an --epochs 0 run (the backbone before fine-tuning). The map, the test geometry and τ (the run's val-chosen
 GT-known threshold, val/thresholds in metrics.json) are the run's own, so each panel shows what that run's numbers
 count: the box drawn is wsolevaluation's, the one of the map's boxes at τ with the best IoU with a GT box. Rows are
 chosen by index, never by result. PIL only; a 256-colour PNG (about 160 kB for 6 x 9 panels).
@@ -42,12 +42,24 @@ def load_run(folder: Path):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {folder} is not a finished run folder (args.json, metrics.json): {e}") from None
     checkpoint = Path(saved["checkpoint"]) if saved.get("eval_only") else folder / "last.pt"
-    state = common.load_checkpoint(checkpoint)
-    module = importlib.import_module(state["method"])
+    if saved.get("epochs") == 0 and not saved.get("eval_only"):  # the backbone before fine-tuning (class-agnostic maps)
+        modules = [importlib.import_module(m) for m in ("tscam", "scm", "sat", "bas", "dawsol")]
+        module = next(m for m in modules if {f.name for f in dataclasses.fields(m.Args)} == set(saved))  # its flags
+        state = None
+    else:
+        state = common.load_checkpoint(checkpoint)
+        module = importlib.import_module(state["method"])
     fields = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
-    model = getattr(module, state["method"].upper())(args, state["arch"]["num_classes"])
-    model.load_state_dict(state["model"])
+    if state is None:
+        classes = len((Path(args.data_root) / "classes.txt").read_text().splitlines())
+        common.seed_everything(args.seed)  # the run's own initial weights (the head; the ViT too with --pretrained none)
+        model = getattr(module, module.__name__.upper())(args, classes)
+        if args.pretrained != "none":
+            module.load_deit_weights(model.vit, args.pretrained)
+    else:
+        model = getattr(module, state["method"].upper())(args, state["arch"]["num_classes"])
+        model.load_state_dict(state["model"])
     tau = (metrics.get("val/thresholds") or {}).get("GT-known Loc")
     if tau is None:
         raise SystemExit(f"error: {folder}/metrics.json has no val/thresholds: a run without a val split")

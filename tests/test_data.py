@@ -553,3 +553,24 @@ def test_cli_nan_box_is_one_error_line(tiny_synthetic: Path, tmp_path: Path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert lines[-1].startswith(f"error: {root / 'bounding_boxes.txt'}:3: malformed line")
     assert sum(line.startswith("error:") for line in lines) == 1 and "not a finite number" in lines[-1]
+
+
+def test_fine_world_layout_parts_and_statistics(tmp_path: Path):
+    """--data synthetic-fine: its own world in the CUB layout, head masks under parts/ inside the object masks, a coarse
+    set at its root is rebuilt as a fine one; 1,000 generated objects have CUB test's box sizes (real_benchmarks §1)."""
+    root = data.ensure_synthetic(tmp_path / "fine", world="fine", **SMALL)
+    assert json.loads((root / "synthetic.json").read_text())["world"] == "fine" and data.is_synthetic(root)
+    test = data.get_dataset("synthetic-fine", "test", 32, root=str(root))
+    assert test.in_memory and len(test) == 10 and test.class_names[0] == "head_stripes"
+    for rel in sorted((root / "parts").rglob("*.png"))[:8]:
+        head = np.asarray(Image.open(rel)) > 0
+        whole = np.asarray(Image.open(root / "segmentations" / rel.relative_to(root / "parts"))) > 0
+        assert head.any() and not (head & ~whole).any() and head.sum() < whole.sum()
+    coarse = data.build_synthetic(tmp_path / "coarse", **SMALL)
+    data.ensure_synthetic(coarse, world="fine", **SMALL)  # another world at this root: rebuilt
+    assert (coarse / "parts").is_dir()
+    _, labels, masks, heads = data.generate_fine(1000, 64, np.random.default_rng(1))
+    boxes = np.array([data.tight_box(m) for m in masks])
+    area = (boxes[:, 2:] - boxes[:, :2] + 1).prod(1) / 64**2
+    assert 0.27 <= np.median(area) <= 0.34 and 0.17 <= np.percentile(area, 25) <= 0.24  # CUB: 0.313, 0.204
+    assert 0.2 <= (heads.sum((1, 2)) / masks.sum((1, 2))).mean() <= 0.4 and np.bincount(labels).min() == 100

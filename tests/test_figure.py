@@ -36,3 +36,27 @@ def test_figure_needs_finished_runs(tmp_path):
     with pytest.raises(SystemExit, match="not a finished run folder"):
         figure.main([f"X={tmp_path}", "--out", str(tmp_path / "f.png")])
     assert not Path(tmp_path / "f.png").exists()
+
+
+def test_extent_measures_maps_against_the_head_and_the_object(tiny_synthetic, tmp_path):
+    """benchmarks/extent.py on a tiny fine-world run and on the backbone before fine-tuning (--epochs 0): shares in
+    [0, 100], the head's area share equal to the masks' own; a coarse-world run is refused (it has no head masks)."""
+    import data
+    import extent
+
+    root = data.ensure_synthetic(tmp_path / "fine", world="fine", n_train=32, n_val=8, n_test=8, size=32)
+    tscam.main(tiny_args(tscam, root, tmp_path, "--data", "synthetic-fine", "--run-name", "t"))
+    tscam.main(tiny_args(tscam, root, tmp_path, "--data", "synthetic-fine", "--run-name", "z", "--epochs", "0",
+                         "--map", "attention"))
+    results = extent.main([f"T={tmp_path / 't'}", f"Z={tmp_path / 'z'}", "--split", "test"])
+    heads, wholes = [], []
+    for path in sorted((root / "parts").glob("*/test_*.png")):
+        heads.append((np.asarray(Image.open(path)) > 0).sum())
+        wholes.append((np.asarray(Image.open(root / "segmentations" / path.relative_to(root / "parts"))) > 0).sum())
+    assert len(heads) == 8 and set(results) == {"T", "Z"}
+    for r in results.values():
+        assert 0 <= r["on object"] <= 100 and 0 <= r["head share"] <= 100 and r["box / GT"] > 0
+        assert r["uniform"] == pytest.approx(100 * np.mean(np.array(heads) / np.array(wholes)))
+    tscam.main(tiny_args(tscam, tiny_synthetic, tmp_path, "--run-name", "c"))
+    with pytest.raises(SystemExit, match="synthetic-fine"):
+        extent.main([f"C={tmp_path / 'c'}"])
