@@ -1155,6 +1155,29 @@ def synthetic_baselines(root: str | Path | None = None, world: str = "coarse") -
             "best_centred_square": float(squares.max()), "best_square_side": int(sides[squares.argmax()])}
 
 
+def synthetic_statistics(root: str | Path) -> dict[str, float]:
+    """The test split's box statistics, as real_benchmarks.md §1 gives them for CUB: box area over image area (mean,
+    quantiles, share above 0.5), box centre (mean, sd, fractions of the side), width / height, mask area; for the fine
+    world also the head's share of the object's pixels."""
+    root = Path(root)
+    size = json.loads((root / "synthetic.json").read_text())["size"]
+    records, _ = parse_cub(root, "test", None)
+    b = np.concatenate([r.boxes for r in records]).astype(np.float64)  # (N, 4) inclusive
+    w, h = b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1
+    area, cx, cy, ratio = w * h / size**2, (b[:, 0] + w / 2) / size, (b[:, 1] + h / 2) / size, w / h
+    masks = [np.asarray(Image.open(r.masks[0])) > 0 for r in records]
+    out = {"box area mean": area.mean(), **{f"box area p{q}": np.percentile(area, q) for q in (10, 25, 50, 75, 90)},
+           "box area > 0.5 %": 100 * (area > 0.5).mean(), "centre x mean": cx.mean(), "centre x sd": cx.std(),
+           "centre y mean": cy.mean(), "centre y sd": cy.std(), "w/h median": np.median(ratio),
+           "w/h p10": np.percentile(ratio, 10), "w/h p90": np.percentile(ratio, 90),
+           "mask area mean": np.mean([m.mean() for m in masks])}
+    if (root / "parts").is_dir():
+        heads = [np.asarray(Image.open(root / "parts" / Path(r.masks[0]).relative_to(root / "segmentations"))) > 0
+                 for r in records]
+        out["head / object"] = np.mean([hd.sum() / m.sum() for hd, m in zip(heads, masks, strict=True)])
+    return {k: float(v) for k, v in out.items()}
+
+
 # %% 6. CLI
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build a synthetic dataset and print its trivial baselines.")
@@ -1168,3 +1191,5 @@ if __name__ == "__main__":
     print(f"{args.command} set at {out} ready in {time.perf_counter() - start:.1f} s")
     for key, value in synthetic_baselines(out, WORLDS[args.command]).items():
         print(f"  {key:22s} {value:6.1f}" + (" % GT-known (test)" if key != "best_square_side" else " px"))
+    print("test split (as real_benchmarks.md §1 for CUB): " + ", ".join(
+        f"{key} {value:.3f}" for key, value in synthetic_statistics(out).items()))

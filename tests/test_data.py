@@ -574,3 +574,14 @@ def test_fine_world_layout_parts_and_statistics(tmp_path: Path):
     area = (boxes[:, 2:] - boxes[:, :2] + 1).prod(1) / 64**2
     assert 0.27 <= np.median(area) <= 0.34 and 0.17 <= np.percentile(area, 25) <= 0.24  # CUB: 0.313, 0.204
     assert 0.2 <= (heads.sum((1, 2)) / masks.sum((1, 2))).mean() <= 0.4 and np.bincount(labels).min() == 100
+
+
+def test_synthetic_statistics_by_hand(synthetic: Path):
+    stats = data.synthetic_statistics(synthetic)
+    boxes = np.array([[float(v) for v in line.split()[1:]] for line in (synthetic / "bounding_boxes.txt").read_text()
+                      .splitlines()])[-10:]  # x y w h, inclusive: the box is w + 1 pixels wide
+    area = (boxes[:, 2] + 1) * (boxes[:, 3] + 1) / 32**2
+    assert stats["box area mean"] == pytest.approx(area.mean()) and stats["box area p50"] == pytest.approx(
+        np.median(area))
+    assert stats["centre x mean"] == pytest.approx(np.mean((boxes[:, 0] + (boxes[:, 2] + 1) / 2) / 32))
+    assert "head / object" not in stats and 0 < stats["mask area mean"] < stats["box area mean"]
