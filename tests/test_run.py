@@ -226,8 +226,9 @@ def test_real_layout_without_data_flag(tmp_path):
 def test_ctrl_c_and_sigterm_exit_with_the_resume_command(tiny_synthetic, tmp_path, sig, code, word):
     proc = subprocess.Popen([sys.executable, "tscam.py", *tiny(tiny_synthetic, tmp_path, "--epochs", "500",
                                                                 "--run-name", "c", "--log-every", "1000")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    deadline = time.time() + 120  # (a suite started as a background job passes SIGINT on as ignored: no Ctrl-C)
     while not (tmp_path / "c" / "metrics.jsonl").exists() and time.time() < deadline:  # an epoch is complete
         time.sleep(0.2)
     time.sleep(0.5)
