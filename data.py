@@ -912,6 +912,10 @@ FINE_HABITAT, FINE_BODY_HUE, FINE_HEADLESS = 0.6, 0.5, 0.5  # P(habitat backgrou
 HABITATS = np.array([colorsys.hsv_to_rgb((0.37 * k + 0.05) % 1, 0.45, 0.55) for k in range(10)]) * 255
 
 
+def synth_version(world: str) -> int:
+    return SYNTH_VERSION if world == "coarse" else FINE_VERSION  # read at call time: tests patch the constants
+
+
 def silhouette(u: np.ndarray, v: np.ndarray, bumps: np.ndarray) -> np.ndarray:
     """A random blob in object coordinates: radius 0.88 + sum_k a_k cos(k theta + phi_k), k = 2..4. bumps (m, 3, 2)
     holds (a_k, phi_k); u, v (m, S, S). Any class's object and the headless distractors share this family."""
@@ -1069,7 +1073,7 @@ def build_synthetic(root: str | Path, seed: int = SYNTH_SEED, n_train: int = 10_
         remove_stale_temporaries(root.parent, root.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
         tmp.chmod(0o777 & ~common._umask())  # mkdtemp makes it 0700; the set follows the umask like any folder
-        config = {"version": SYNTH_VERSION if world == "coarse" else FINE_VERSION, "seed": seed, "n_train": n_train,
+        config = {"version": synth_version(world), "seed": seed, "n_train": n_train,
                   "n_val": n_val, "n_test": n_test, "size": size, **({"world": world} if world != "coarse" else {})}
         write_synthetic(tmp, seed, n_train, n_val, n_test, size, world)
         (tmp / "synthetic.json").write_text(json.dumps(config, indent=1))
@@ -1095,8 +1099,7 @@ def ensure_synthetic(root: str | Path, seed: int | None = None, world: str = "co
     except (OSError, ValueError):
         recorded = {}
     recorded.setdefault("world", "coarse")  # a coarse set's synthetic.json does not name its world
-    version = SYNTH_VERSION if world == "coarse" else FINE_VERSION
-    wanted = {"version": version, "world": world, **({} if seed is None else {"seed": seed}), **sizes}
+    wanted = {"version": synth_version(world), "world": world, **({} if seed is None else {"seed": seed}), **sizes}
     if any(recorded.get(k) != v for k, v in wanted.items()):
         if root.is_dir() and any(root.iterdir()) and not is_synthetic(root):  # checked before saying "building"
             raise DataError(not_synthetic(root))
