@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1016,6 +1017,22 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+@contextlib.contextmanager
+def png_writer():
+    """Yields save(array, path): save_png on two threads (PNG encoding releases the GIL, so the saves overlap the next
+    split's generation; the files equal one thread's). On exit waits for every save and raises the first failure; on
+    any error, the saves not yet started are cancelled."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = []
+        try:
+            yield lambda array, path: futures.append(pool.submit(save_png, array, path))
+            for f in futures:
+                f.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 def synthetic_folders(world: str = "coarse") -> list[str]:
     if world == "fine":
         return [f"{k + 1:03d}.head_{tex}" for k, tex in enumerate(FINE_HEADS)]
@@ -1029,25 +1046,27 @@ def write_synthetic(root: Path, seed: int, n_train: int, n_val: int, n_test: int
     folders = synthetic_folders(world)
     cub_lines = {f: [] for f in ("images", "image_class_labels", "train_test_split", "bounding_boxes")}
     val_lines = {f: [] for f in ("image_ids", "class_labels", "image_sizes", "localization")}
-    for split_id, (split, n) in enumerate((("train", n_train), ("test", n_test), ("val", n_val))):
-        rng = np.random.default_rng([seed, split_id])
-        images, labels, masks, *heads = generate_fine(n, size, rng) if world == "fine" else generate(n, size, rng)
-        for k in range(n):
-            rel = f"{folders[labels[k]]}/{split}_{k:05d}.png"
-            save_png(images[k], root / ("CUBV2" if split == "val" else "images") / rel)
-            save_png(masks[k].astype(np.uint8) * 255, root / "segmentations" / rel)
-            if heads:
-                save_png(heads[0][k].astype(np.uint8) * 255, root / "parts" / rel)
-            x0, y0, x1, y1 = tight_box(masks[k])
-            if split == "val":
-                for key, line in zip(val_lines, (rel, f"{rel},{labels[k]}", f"{rel},{size},{size}",
-                                                 f"{rel},{x0},{y0},{x1},{y1}"), strict=True):
-                    val_lines[key].append(line)
-            else:  # CUB boxes are x y w h with (x, y, x + w, y + h) the inclusive box (§4.2): w = x1 - x0
-                i = len(cub_lines["images"]) + 1
-                for key, line in zip(cub_lines, (f"{i} {rel}", f"{i} {labels[k] + 1}", f"{i} {int(split == 'train')}",
-                                                 f"{i} {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f}"), strict=True):
-                    cub_lines[key].append(line)
+    with png_writer() as save:
+        for split_id, (split, n) in enumerate((("train", n_train), ("test", n_test), ("val", n_val))):
+            rng = np.random.default_rng([seed, split_id])
+            images, labels, masks, *heads = generate_fine(n, size, rng) if world == "fine" else generate(n, size, rng)
+            for k in range(n):
+                rel = f"{folders[labels[k]]}/{split}_{k:05d}.png"
+                save(images[k], root / ("CUBV2" if split == "val" else "images") / rel)
+                save(masks[k].astype(np.uint8) * 255, root / "segmentations" / rel)
+                if heads:
+                    save(heads[0][k].astype(np.uint8) * 255, root / "parts" / rel)
+                x0, y0, x1, y1 = tight_box(masks[k])
+                if split == "val":
+                    for key, line in zip(val_lines, (rel, f"{rel},{labels[k]}", f"{rel},{size},{size}",
+                                                     f"{rel},{x0},{y0},{x1},{y1}"), strict=True):
+                        val_lines[key].append(line)
+                else:  # CUB boxes are x y w h with (x, y, x + w, y + h) the inclusive box (§4.2): w = x1 - x0
+                    i = len(cub_lines["images"]) + 1
+                    fields = (f"{i} {rel}", f"{i} {labels[k] + 1}", f"{i} {int(split == 'train')}",
+                              f"{i} {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f}")
+                    for key, line in zip(cub_lines, fields, strict=True):
+                        cub_lines[key].append(line)
     (root / "classes.txt").write_text("".join(f"{k + 1} {f}\n" for k, f in enumerate(folders)))  # as CUB's
     for key, lines in cub_lines.items():
         (root / f"{key}.txt").write_text("\n".join(lines) + "\n")
