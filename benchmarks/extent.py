@@ -2,14 +2,15 @@
 body, or off the object. The failure the WSOL papers describe is a map that collapses onto the discriminative part.
 
     python benchmarks/extent.py TS-CAM=runs/val20/tscam__s26 A0=runs/val20/bb0__s26 --split val
+    python benchmarks/extent.py A=runs/fine/A__s27,runs/fine/A__s28 --split test    # mean ± std over two seeds
 
-Each COLUMN is `TITLE=RUN_FOLDER` as in benchmarks/figure.py (a training run or an --eval-only run, on
---data synthetic-fine, whose sets write the head masks under parts/). Per image, on the run's normalised GT-class
-map (wsolevaluation's: bicubic to the image, min-max): `on object` = the map's mass on the object / its total mass;
-`head share` = its mass on the head / its mass on the object (a map spread evenly over the object scores the head's
-area share, printed as `uniform`; a map on the head alone scores 100); `box / GT` = the area of the box the metric
-scores at the run's val-chosen τ over the GT box's area (below 1: the box misses part of the object). Means over
-the split's images, in %.
+Each row is `TITLE=RUN_FOLDER[,RUN_FOLDER...]` as in benchmarks/figure.py (a training run or an --eval-only run, on
+--data synthetic-fine, whose sets write the head masks under parts/); several folders (e.g. seeds) are averaged.
+Per image, on the run's normalised GT-class map (wsolevaluation's: bicubic to the image, min-max): `on object` = the
+map's mass on the object / its total mass; `head share` = its mass on the head / its mass on the object (a map spread
+evenly over the object scores the head's area share, printed as `uniform`; a map on the head alone scores 100);
+`box / GT` = the area of the box the metric scores at the run's val-chosen τ over the GT box's area (below 1: the box
+misses part of the object). Means over the split's images, in %.
 """
 
 from __future__ import annotations
@@ -70,18 +71,23 @@ def measure(module, args, model, tau: float, split: str, batch_size: int = 100) 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("columns", nargs="+", metavar="TITLE=RUN_FOLDER", help="one row per run folder")
+    parser.add_argument("columns", nargs="+", metavar="TITLE=RUN_FOLDER[,RUN_FOLDER...]",
+                        help="one row per title; several comma-separated folders are averaged (mean ± std)")
     parser.add_argument("--split", choices=["val", "test"], default="val", help="the split measured (default val)")
     opts = parser.parse_args(argv)
     results = {}
-    print(f"| run ({opts.split}) | on object % | head share % | uniform % | box / GT % |\n|---|---|---|---|---|")
+    print(f"| run ({opts.split}) | runs | on object % | head share % | uniform % | box / GT % |")
+    print("|---|---|---|---|---|---|")
     for item in opts.columns:
-        title, sep, folder = item.partition("=")
-        if not sep or not folder:
-            parser.error(f"{item!r}: expected TITLE=RUN_FOLDER")
-        results[title] = r = measure(*load_run(Path(folder)), opts.split)
-        print(f"| {title} | {r['on object']:.1f} | {r['head share']:.1f} | {r['uniform']:.1f} | {r['box / GT']:.1f} |",
-              flush=True)
+        title, sep, folders = item.partition("=")
+        if not sep or not all(folders.split(",")):
+            parser.error(f"{item!r}: expected TITLE=RUN_FOLDER[,RUN_FOLDER...]")
+        each = [measure(*load_run(Path(folder)), opts.split) for folder in folders.split(",")]
+        results[title] = r = {key: float(np.mean([e[key] for e in each])) for key in each[0]}
+        r.update({f"{key} std": float(np.std([e[key] for e in each], ddof=1)) if len(each) > 1 else 0.0
+                  for key in each[0]})
+        cells = [f"{r[key]:.1f}" + (f" ± {r[key + ' std']:.1f}" if len(each) > 1 else "") for key in each[0]]
+        print(f"| {title} | {len(each)} | " + " | ".join(cells) + " |", flush=True)
     return results
 
 

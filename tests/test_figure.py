@@ -48,7 +48,9 @@ def test_extent_measures_maps_against_the_head_and_the_object(tiny_synthetic, tm
     tscam.main(tiny_args(tscam, root, tmp_path, "--data", "synthetic-fine", "--run-name", "t"))
     tscam.main(tiny_args(tscam, root, tmp_path, "--data", "synthetic-fine", "--run-name", "z", "--epochs", "0",
                          "--map", "attention"))
-    results = extent.main([f"T={tmp_path / 't'}", f"Z={tmp_path / 'z'}", "--split", "test"])
+    results = extent.main([f"T={tmp_path / 't'}", f"Z={tmp_path / 'z'}", f"TT={tmp_path / 't'},{tmp_path / 't'}",
+                           "--split", "test"])
+    assert results.pop("TT") == results["T"]  # the same run twice: its own numbers, with a spread of 0
     heads, wholes = [], []
     for path in sorted((root / "parts").glob("*/test_*.png")):
         heads.append((np.asarray(Image.open(path)) > 0).sum())
