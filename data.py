@@ -1122,7 +1122,7 @@ def ensure_synthetic(root: str | Path, seed: int | None = None, world: str = "co
     if any(recorded.get(k) != v for k, v in wanted.items()):
         if root.is_dir() and any(root.iterdir()) and not is_synthetic(root):  # checked before saying "building"
             raise DataError(not_synthetic(root))
-        name, seconds = ("synthetic set", 20) if world == "coarse" else ("fine-grained synthetic set", 70)
+        name, seconds = ("synthetic set", 30) if world == "coarse" else ("fine-grained synthetic set", 60)
         print(f"building the {name} at {root} (once; about {seconds} s for the default size)")
         build_synthetic(root, SYNTH_SEED if seed is None else seed, world=world, **sizes)
     return root
