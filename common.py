@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 import types
 import typing
@@ -1064,6 +1065,25 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends, then act as usual. Raised inside torch.save's C++ writer (it
+    calls the file's write) an interrupt surfaces as a RuntimeError ("unexpected pos"), not as itself. Main thread only:
+    Python runs signal handlers there and nowhere else."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # the restored handler: KeyboardInterrupt, Terminated, or ignored
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file, and
     the previous version stays intact. The file gets the umask's mode (mkstemp alone would make it 0600). A write
@@ -1072,13 +1092,14 @@ def _atomic_write(path: str | Path, write) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _signals_held():  # an interrupt lands after the rename: the file is complete, the epoch saved
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports OS errors as RuntimeError from its C++ writer
         if tmp:
             Path(tmp).unlink(missing_ok=True)
