@@ -159,7 +159,7 @@ PRESETS = {  # the values a None field takes for each dataset; official BAS-Ext 
 }
 # NOTE(code): BAS-Ext OpenImages: ResNet-50's alpha 0.5 / beta 1.5, k = 1, test images resized to 224 with no crop
 PRESETS["openimages"] = PRESETS["cub"] | dict(topk_test=1, test_crop=False)
-PRESETS["synthetic-fine"] = PRESETS["synthetic"]  # NOTE(ours): the fine world starts from the coarse preset
+PRESETS["synthetic-fine"] = PRESETS["synthetic"]  # NOTE(ours): the coarse preset; val kept it (README)
 
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)

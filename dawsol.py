@@ -136,7 +136,7 @@ PRESETS = {  # the values a None field takes for each dataset; the official ones
 }
 PRESETS["ilsvrc"] = PRESETS["cub"] | dict(epochs=10, lr=1e-5, lr_steps=(3,), lambda_universum=3.0)
 PRESETS["openimages"] = PRESETS["cub"] | dict(epochs=10, lr_steps=(3,), lambda_dal=0.2, lambda_universum=3.0)
-PRESETS["synthetic-fine"] = PRESETS["synthetic"]  # NOTE(ours): the fine world starts from the coarse preset
+PRESETS["synthetic-fine"] = PRESETS["synthetic"] | dict(lr=3e-5, head_lr_mult=10.0)  # NOTE(ours): val, README
 
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)

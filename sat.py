@@ -155,7 +155,7 @@ PRESETS = {  # the values a None field takes for each dataset; the official ones
 }
 # NOTE(code): the official OpenImages loader resizes test images to 224 with no crop; SAT gives no OpenImages recipe
 PRESETS["openimages"] = PRESETS["cub"] | dict(test_crop=False)
-PRESETS["synthetic-fine"] = PRESETS["synthetic"]  # NOTE(ours): the fine world starts from the coarse preset
+PRESETS["synthetic-fine"] = PRESETS["synthetic"] | dict(lr=3e-5, head_lr_mult=10.0)  # NOTE(ours): val, README
 
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)
