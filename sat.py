@@ -43,6 +43,7 @@ What the code does where the paper is silent or says otherwise (README "deviatio
    cosine to 0, grad clip 1) with SAT's k = 3 gated blocks of 4 (k = 2 was worse in a 3-epoch check),
    tau 0.15 (boxes cover 5-50 % of the image, 19 % on average, masks 11 %; 3-epoch check, val / test GT-known:
    tau 0.15 54 / 48, tau 0.2 50 / 45), no test crop (the same test images as tscam.py), repo threshold 0.4 (CUB's).
+   On synthetic-fine tscam.py's fine preset (backbone 3e-5, new layers x10): val GT-known 78.5 against 73.3.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ PRESETS = {  # the values a None field takes for each dataset; the official ones
 }
 # NOTE(code): the official OpenImages loader resizes test images to 224 with no crop; SAT gives no OpenImages recipe
 PRESETS["openimages"] = PRESETS["cub"] | dict(test_crop=False)
-PRESETS["synthetic-fine"] = PRESETS["synthetic"] | dict(lr=3e-5, head_lr_mult=10.0)  # NOTE(ours): val, README
+PRESETS["synthetic-fine"] = PRESETS["synthetic"] | dict(lr=3e-5, head_lr_mult=10.0)  # NOTE(ours) item 12
 
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)
