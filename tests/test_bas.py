@@ -44,7 +44,7 @@ def test_cli_end_to_end(tiny_synthetic, tmp_path):
     assert 0.0 < rows[0]["train/area"] < 1.0 and 0.0 <= rows[0]["train/bas"] <= 1.0  # each ratio entry is in [0, 1]
     assert_cli_outputs(run, rows[-1])
     args = json.loads((run / "args.json").read_text())
-    assert args["embed_dim"] == 32 and args["num_bg_blocks"] == 2 and args["topk_test"] == 1
+    assert args["embed_dim"] == 32 and args["num_bg_blocks"] == 3 and args["topk_test"] == 1
     assert args["test_crop"] is False
     assert "img/s" in result.stdout and "wsolevaluation" in result.stdout
     assert "GT class's generator map" in result.stdout  # the report says which map its numbers use
