@@ -33,8 +33,8 @@ What the code does where the paper is silent or says otherwise (README "deviatio
    `--neck linear_relu` 61.9, lambda2 = 2 32.9, plain 71.0. synthetic-fine, the same preset: 77.8 (3e-4: 58.3).
 9. NOTE(ours) drop-path (to 0.1, shared ViT default) is on in training: TSA, L_d, L_u see it (official ResNet-50: none).
 10. NOTE(ours) a 14 x 14 patch grid (P = 196) where the official CUB/ILSVRC runs use 28 x 28 (P = 784), n = 32 in both.
-11. NOTE(ours) every dataset's map is A x (CAM - its min), A TS-CAM's cls attention (`--map coupled`; val 64.2, A x CAM
-   58.8, the CAM 35.1): a ViT's patch-token CAM does not localize. The official ResNet-50 map is the CAM (`--map cam`).
+11. NOTE(ours) every dataset's map is A x (CAM - its min), A TS-CAM's cls attention (`--map coupled`; 3e-4 val 64.2,
+   A x CAM 58.8, CAM 35.1): a ViT's patch-token CAM does not localize. Official ResNet-50 map: the CAM (`--map cam`).
 """
 
 from __future__ import annotations

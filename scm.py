@@ -43,7 +43,8 @@ What the code does where the paper is silent or says otherwise (README "deviatio
 11. NOTE(ours) the synthetic preset is tscam.py's (its NOTE 5: the synthetic backbone, 3 epochs, AdamW 3e-4, 50
    warmup steps, cosine, grad clip 1), so the SCM-vs-TS-CAM comparison (README "Claims") changes only the method.
    On synthetic-fine tscam.py's fine preset (backbone 3e-5, new layers x10): val GT-known 64.0 against 49.1; then 2
-   epochs, not 3, for the 5-minute budget (seed 26, alone: 63.3 in 3.5 min against 63.4 in 5.4 min).
+   epochs, not 3, for the 5-minute budget (seed 26, alone: 63.3 in 3.5 min against 63.4 in 5.4 min); the README's
+   same-budget claim row compares SCM at 3 epochs (`--epochs 3`) with TS-CAM there.
 """
 
 from __future__ import annotations
