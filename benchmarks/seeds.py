@@ -8,7 +8,8 @@
 
 Each configuration is `name="<method>.py [flags]"`; each (name, seed) runs once as
 `python <method>.py <flags> --seed S --out-dir OUT --run-name <name>__s<S>`. A finished run (its metrics.json exists)
-is not run again, so an interrupted sweep continues where it stopped. A failed run is reported with its log's end
+is not run again, so an interrupted sweep continues where it stopped; it is refused when it was made by another
+command (the command is kept in its seeds_wall.json). A failed run is reported with its log's end
 and the sweep goes on; the table then holds the configurations whose every seed finished, and the exit status is 1.
 The runs start in the repository root (paths inside a configuration are relative to it); --out-dir is relative to
 the current folder. --jobs 2 runs two at a time with --threads each (on 2 cores, two 1-thread runs finish sooner
@@ -59,9 +60,10 @@ class RunFailed(Exception):
 
 
 def run_one(name: str, command: str, seed: int, out: Path, threads: int | None = None) -> dict:
-    run = out / f"{name}__s{seed}"
+    run, command = out / f"{name}__s{seed}", command.replace("{seed}", str(seed))  # {seed}: e.g. a seed's checkpoint
+    wall = run / "seeds_wall.json"
     if not (run / "metrics.json").is_file():
-        script, *flags = shlex.split(command.replace("{seed}", str(seed)))  # {seed}: e.g. each seed's checkpoint
+        script, *flags = shlex.split(command)
         cmd = [sys.executable, script, *flags, "--seed", str(seed), "--out-dir", str(out), "--run-name", run.name]
         print(f"$ {shlex.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
@@ -81,11 +83,13 @@ def run_one(name: str, command: str, seed: int, out: Path, threads: int | None =
         metrics["wall_s"] = time.perf_counter() - t0
         print(f"  {run.name}: val GT-known {metrics.get('val/GT-known Loc', math.nan):.1f}, "
               f"{metrics['wall_s'] / 60:.1f} min", flush=True)
-        (run / "seeds_wall.json").write_text(json.dumps({"wall_s": metrics["wall_s"]}))
+        wall.write_text(json.dumps({"wall_s": metrics["wall_s"], "command": command}))
         return metrics
     metrics = json.loads((run / "metrics.json").read_text())
-    wall = run / "seeds_wall.json"
-    metrics["wall_s"] = json.loads(wall.read_text())["wall_s"] if wall.is_file() else math.nan
+    saved = json.loads(wall.read_text()) if wall.is_file() else {}  # runs of older sweeps kept no command
+    if saved.get("command", command) != command:  # the same name, other flags: never mix the two in one table
+        raise RunFailed(f"{run} was made by `{saved['command']}`, not `{command}`; use another name or --out-dir")
+    metrics["wall_s"] = saved.get("wall_s", math.nan)
     return metrics
 
 

@@ -112,3 +112,19 @@ def test_failed_run_still_prints_the_others_table(tmp_path, monkeypatch, capsys)
     calls.clear()
     monkeypatch.setattr(seeds.subprocess, "run", fake_runs(calls))
     assert "| b | 6.5 ± 0.7" in seeds.main(argv) and [c[1] for c, _ in calls] == ["b.py"]
+
+
+def test_a_finished_run_of_another_command_is_refused(tmp_path, monkeypatch, capsys):
+    """A finished run is reused only for the command that made it: the same name with other flags is an error that
+    names the folder and both commands, not a silent row of the old configuration."""
+    calls = []
+    monkeypatch.setattr(seeds.subprocess, "run", fake_runs(calls))
+    seeds.main(["--config", "a=a.py --lr 1", "--seeds", "1", "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "a__s1" / "seeds_wall.json").read_text())["command"] == "a.py --lr 1"
+    assert "| a | 1.0" in seeds.main(["--config", "a=a.py --lr 1", "--seeds", "1", "--out-dir", str(tmp_path)])
+    assert len(calls) == 1  # reused, not run again
+    with pytest.raises(SystemExit):
+        seeds.main(["--config", "a=a.py --lr 2", "--seeds", "1", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert str(tmp_path / "a__s1") in err and "`a.py --lr 1`" in err and "`a.py --lr 2`" in err
+    assert len(calls) == 1
