@@ -1470,7 +1470,7 @@ class Run:
         append_jsonl(self.dir / "metrics.jsonl", row)  # after the checkpoint: a row always has its epoch saved
 
     def finish(self, val: dict, test: dict, maps: str) -> dict:
-        final = {"epoch": self.epoch_done, **{f"val/{k}": v for k, v in val.items()},
+        final = {"method": self.method, "epoch": self.epoch_done, **{f"val/{k}": v for k, v in val.items()},
                  **{f"test/{k}": v for k, v in test.items()}}
         if self.rank == 0:
             append_jsonl(self.dir / "metrics.jsonl", final)

@@ -43,9 +43,9 @@ def load_run(folder: Path):
         raise SystemExit(f"error: {folder} is not a finished run folder (args.json, metrics.json): {e}") from None
     checkpoint = Path(saved["checkpoint"]) if saved.get("eval_only") else folder / "last.pt"
     if saved.get("epochs") == 0 and not saved.get("eval_only"):  # the backbone before fine-tuning (class-agnostic maps)
-        modules = [importlib.import_module(m) for m in ("tscam", "scm", "sat", "bas", "dawsol")]
-        module = next(m for m in modules if {f.name for f in dataclasses.fields(m.Args)} == set(saved))  # its flags
-        state = None
+        if "method" not in metrics:
+            raise SystemExit(f"error: {folder}/metrics.json does not name its method: a run older than this script")
+        module, state = importlib.import_module(metrics["method"]), None
     else:
         state = common.load_checkpoint(checkpoint)
         module = importlib.import_module(state["method"])

@@ -1,5 +1,6 @@
 """benchmarks/figure.py: the README's grid of maps from run folders (a training run and an --eval-only run)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def test_extent_measures_maps_against_the_head_and_the_object(tiny_synthetic, tm
                          "--map", "attention"))
     results = extent.main([f"T={tmp_path / 't'}", f"Z={tmp_path / 'z'}", f"TT={tmp_path / 't'},{tmp_path / 't'}",
                            "--split", "test"])
+    assert json.loads((tmp_path / "z" / "metrics.json").read_text())["method"] == "tscam"  # how figure.py loads it
     assert results.pop("TT") == results["T"]  # the same run twice: its own numbers, with a spread of 0
     heads, wholes = [], []
     for path in sorted((root / "parts").glob("*/test_*.png")):
