@@ -47,9 +47,10 @@ Ours (the ViT adaptation, spec PART C) and what follows the code (README "deviat
    cosine, grad clip 1) with K = 3 of the 4 blocks, 2 epochs, not 3, and beta 2 (val GT-known, seed 26: 75.4; beta
    1.5 69.0 in 3.7 min alone, at 3 epochs 70.8 in 6.3 min; K = 2 66.9 in 5.0 min, K = 1 44.4; beta 3 41.9, beta 6
    13.4 at K = 1), CUB's alpha, k = 1 (the GT class's map: on one from-scratch checkpoint, test GT-known 52 % against
-   40 % for CUB's all-class mean) and no test crop (the same test images as tscam.py). synthetic-fine, the same: val
-   59.9 (beta 1.5 59.5 in 4.1 min, 1 46.1, 2.5 39.6; alpha 1 / beta 2 57.0; lr 1e-4 43.1; 3 epochs 58.2; K = 2 51.9;
-   at K = 2 beta 3 28.4 and 0.75 24.5; tscam.py's fine recipe, backbone 3e-5 and new layers x10, 48.3).
+   40 % for CUB's all-class mean) and no test crop (the same test images as tscam.py). synthetic-fine, the same but
+   beta 1.75: val seeds 24-26 61.9 +- 0.5 (beta 2 62.1 +- 2.0, 1.5 60.1 +- 0.6; rule: the best mean, and within 1
+   point of it the smallest std); seed 26 alone: 1 46.1, 2.5 39.6; alpha 1 / beta 2 57.0; lr 1e-4 43.1; 3 epochs 58.2;
+   K = 2 51.9; at K = 2 beta 3 28.4 and 0.75 24.5; tscam.py's fine recipe, backbone 3e-5 and new layers x10, 48.3.
    `--lambda-bas 0` is the ablation without L_BAS (README).
 """
 
@@ -162,7 +163,7 @@ PRESETS = {  # the values a None field takes for each dataset; official BAS-Ext 
 }
 # NOTE(code): BAS-Ext OpenImages: ResNet-50's alpha 0.5 / beta 1.5, k = 1, test images resized to 224 with no crop
 PRESETS["openimages"] = PRESETS["cub"] | dict(topk_test=1, test_crop=False)
-PRESETS["synthetic-fine"] = PRESETS["synthetic"]  # NOTE(ours) item 11: val chose the same preset on both worlds
+PRESETS["synthetic-fine"] = PRESETS["synthetic"] | dict(beta=1.75)  # NOTE(ours) item 11: three val seeds chose it
 
 
 # %% 2. ViT-S backbone (identical in every method file; tests/test_vit_sync.py)

@@ -255,9 +255,9 @@ def test_presets_follow_the_spec():
         assert (args.alpha, args.beta, args.topk_test, args.test_crop) == (alpha, beta, topk, crop), name
         assert args.num_bg_blocks == 3 and args.schedule == "constant"
     assert bas.learning_rate(args, 123, 10) == args.lr
-    coarse, fine = bas.Args(data="synthetic"), bas.Args(data="synthetic-fine")  # ours (NOTE 11): val chose beta 2
+    coarse, fine = bas.Args(data="synthetic"), bas.Args(data="synthetic-fine")  # ours (NOTE 11), chosen on val
     common.apply_preset(coarse, bas.PRESETS), common.apply_preset(fine, bas.PRESETS)
-    assert coarse.beta == 2.0 and vars(fine) | {"data": "synthetic"} == vars(coarse)
+    assert coarse.beta == 2.0 and fine.beta == 1.75 and vars(fine) | {"data": "synthetic", "beta": 2.0} == vars(coarse)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_synthetic, tmp_path):
