@@ -273,3 +273,13 @@ def test_default_synthetic_run_beats_the_trivial_baselines(tmp_path):
     11; the bare CAM's default did not localize there, README "Claims")."""
     final = dawsol.main(common.parse_args(dawsol.Args, ["--out-dir", str(tmp_path)]))
     assert_beats_trivial_baselines(final)
+
+
+def test_synthetic_presets_are_the_ones_val_chose():
+    """NOTE(ours) 8: backbone at 3e-5 on both worlds; the new layers x3 on the coarse world (three val seeds), x10 on the
+    fine one; L_d on, the universum term off."""
+    coarse, fine = dawsol.Args(data="synthetic"), dawsol.Args(data="synthetic-fine")
+    common.apply_preset(coarse, dawsol.PRESETS), common.apply_preset(fine, dawsol.PRESETS)
+    assert (coarse.lr, coarse.head_lr_mult, fine.head_lr_mult) == (3e-5, 3.0, 10.0)
+    assert (coarse.lambda_dal, coarse.lambda_universum, coarse.neck) == (0.3, 0.0, "centred")
+    assert vars(fine) | {"data": "synthetic", "head_lr_mult": 3.0} == vars(coarse)
