@@ -49,7 +49,7 @@ Ours (the ViT adaptation, spec PART C) and what follows the code (README "deviat
    13.4 at K = 1), CUB's alpha, k = 1 (the GT class's map: on one from-scratch checkpoint, test GT-known 52 % against
    40 % for CUB's all-class mean) and no test crop (the same test images as tscam.py). synthetic-fine, the same but
    beta 1.75: val seeds 24-26 61.9 +- 0.5 (beta 2 62.1 +- 2.0, 1.5 60.1 +- 0.6; rule: the best mean, and within 1
-   point of it the smallest std); seed 26 alone: 1 46.1, 2.5 39.6; alpha 1 / beta 2 57.0; lr 1e-4 43.1; 3 epochs 58.2;
+   point of it the smallest std); seed 26 only: 1 46.1, 2.5 39.6; alpha 1 / beta 2 57.0; lr 1e-4 43.1; 3 epochs 58.2;
    K = 2 51.9; at K = 2 beta 3 28.4 and 0.75 24.5; tscam.py's fine recipe, backbone 3e-5 and new layers x10, 48.3.
    `--lambda-bas 0` is the ablation without L_BAS (README).
 """
